@@ -1,0 +1,48 @@
+"""The `retrain` flow: the full MMKD-CLIP pipeline, one task per step, one MLflow parent run per flow run."""
+
+from __future__ import annotations
+
+import time
+
+from prefect import flow, get_run_logger
+
+from mmkd.steps import Context, finish_pipeline, start_pipeline
+from tasks.cache_features import cache_features
+from tasks.curate import curate
+from tasks.distill import distill
+from tasks.evaluate import evaluate
+from tasks.pretrain import pretrain
+from tasks.register import register
+from tasks.synth import synth
+from tasks.teachers import teachers
+from tasks.validate import validate
+
+PIPELINE_TASKS = (curate, validate, teachers, cache_features, pretrain, distill, evaluate, register)
+
+
+@flow(name="retrain", log_prints=True)
+def retrain(profile: str | None = None, root: str = ".", params_path: str | None = None,
+            synthesize_if_missing: bool = True) -> dict:
+    """Run every step in order; steps exchange files under `root`, and only paths and run ids cross tasks."""
+    logger = get_run_logger()
+    ctx = Context.load(root, params_path, profile)
+    args = (str(ctx.ws.root), str(ctx.params_path), ctx.params.profile)
+    t0 = time.perf_counter()
+    parent = start_pipeline(ctx, entry="prefect")
+    logger.info("MLflow parent run %s (profile %s)", parent, ctx.params.profile)
+    results: dict = {}
+    try:
+        if not ctx.ws.raw_manifest.exists():
+            if not synthesize_if_missing:
+                raise FileNotFoundError(f"{ctx.ws.raw_manifest} missing and synthesize_if_missing is off")
+            results["synth"] = synth(*args, parent)
+        for task in PIPELINE_TASKS:
+            results[task.name] = task(*args, parent)
+    except BaseException:
+        finish_pipeline(ctx, parent, ok=False)
+        raise
+    seconds = time.perf_counter() - t0
+    finish_pipeline(ctx, parent, ok=True, summary={"pipeline_seconds": seconds,
+                                           **{f"{k}_seconds": v["seconds"] for k, v in results.items()}})
+    return {"parent_run_id": parent, "seconds": seconds, "registration": results["register"]["summary"],
+            "steps": {k: v["seconds"] for k, v in results.items()}}

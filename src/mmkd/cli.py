@@ -1,0 +1,105 @@
+"""Owns the `mmkd` command line: data generation, single steps (DVC's entry point), the flow and deployment."""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from mmkd.config import ConfigError
+
+app = typer.Typer(add_completion=False, help="MMKD-CLIP: distil several biomedical CLIP teachers into one student.")
+data_app = typer.Typer(help="Raw data (the DVC-tracked data/ folder).")
+app.add_typer(data_app, name="data")
+
+RootOpt = typer.Option(Path("."), "--root", help="workspace root (holds params.yaml, data/, artifacts/, reports/)")
+ParamsOpt = typer.Option(None, "--params", help="parameters file (default: ROOT/params.yaml)")
+ProfileOpt = typer.Option(None, "--profile", help="profile overlay from params.yaml (e.g. smoke, default)")
+
+
+def _setup_logging() -> None:
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("mmkd").setLevel(logging.INFO)
+
+
+def _context(root: Path, params: Optional[Path], profile: Optional[str]):
+    from mmkd.steps import Context
+
+    try:
+        return Context.load(root, params, profile)
+    except ConfigError as exc:
+        typer.echo(str(exc), err=True)
+        raise typer.Exit(2)
+
+
+@data_app.command("synth")
+def data_synth(root: Path = RootOpt, params: Optional[Path] = ParamsOpt, profile: Optional[str] = ProfileOpt,
+               if_missing: bool = typer.Option(False, "--if-missing", help="do nothing when data/ already exists")):
+    """Generate the embedded synthetic corpus (PNG images + manifest.jsonl + tasks.json) under data/."""
+    _setup_logging()
+    from mmkd.steps import run_step
+
+    ctx = _context(root, params, profile)
+    if if_missing and ctx.ws.raw_manifest.exists():
+        typer.echo(f"{ctx.ws.raw_manifest} exists; not regenerating")
+        return
+    typer.echo(json.dumps(run_step("synth", ctx)["summary"]))
+
+
+@app.command("stage")
+def stage(name: str = typer.Argument(..., help="curate|validate|teachers|cache_features|pretrain|distill|evaluate|register"),
+          root: Path = RootOpt, params: Optional[Path] = ParamsOpt, profile: Optional[str] = ProfileOpt):
+    """Run one pipeline step (what each DVC stage calls)."""
+    _setup_logging()
+    from mmkd.steps import PIPELINE, run_step
+
+    if name not in PIPELINE:
+        typer.echo(f"unknown stage '{name}'; stages: {', '.join(PIPELINE)}", err=True)
+        raise typer.Exit(2)
+    result = run_step(name, _context(root, params, profile))
+    typer.echo(json.dumps({"step": name, "seconds": result["seconds"], "run_id": result["run_id"]}))
+
+
+@app.command("run")
+def run(profile: Optional[str] = ProfileOpt, root: Path = RootOpt, params: Optional[Path] = ParamsOpt):
+    """Run the whole `retrain` Prefect flow: curate -> ... -> register."""
+    _setup_logging()
+    ctx = _context(root, params, profile)  # fail fast on bad params, before Prefect starts
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+    from flows.retrain import retrain
+
+    result = retrain(profile=ctx.params.profile, root=str(ctx.ws.root), params_path=str(ctx.params_path))
+    ws = ctx.ws
+    typer.echo("\n" + ws.leaderboard.read_text())
+    typer.echo(f"metrics:      {ws.metrics}\nleaderboard:  {ws.leaderboard}\nData Docs:    {ws.reports / 'data_docs' / 'index.html'}")
+    typer.echo(f"model:        {result['registration']['model_uri']} (tracking {result['registration']['tracking_uri']})")
+    typer.echo("MLflow UI:    bash mlflow_server/start.sh   then open http://127.0.0.1:5000")
+    typer.echo(f"wall time:    {result['seconds']:.0f} s")
+
+
+@app.command("deploy")
+def deploy(root: Path = RootOpt, params: Optional[Path] = ParamsOpt,
+           check: bool = typer.Option(False, "--check", help="exit 1 if prefect.yaml differs from params.yaml")):
+    """Write prefect.yaml (the scheduled `retrain` deployment) from params.yaml's `schedule` section."""
+    from mmkd.deployment import render_prefect_yaml
+
+    ctx = _context(root, params, None)
+    text = render_prefect_yaml(ctx.params)
+    target = ctx.ws.root / "prefect.yaml"
+    if check:
+        if not target.exists() or target.read_text() != text:
+            typer.echo(f"{target} is out of date with params.yaml; run `mmkd deploy`", err=True)
+            raise typer.Exit(1)
+        typer.echo(f"{target} matches params.yaml")
+        return
+    target.write_text(text)
+    typer.echo(f"wrote {target}; then: prefect work-pool create {ctx.params.schedule.work_pool} --type process && "
+               f"prefect deploy --all && prefect worker start --pool {ctx.params.schedule.work_pool}")
+
+
+if __name__ == "__main__":
+    app()

@@ -1,0 +1,273 @@
+"""Owns params.yaml: the pydantic schema, profile overlays and the resolved workspace paths."""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+MODALITIES = (
+    "xray", "ct", "mri", "ultrasound", "pathology", "dermatology", "fundus", "oct", "endoscopy",
+)
+
+
+class ConfigError(ValueError):
+    """params.yaml is malformed; the message names the bad key."""
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class PathsCfg(Strict):
+    data: str = "data"
+    artifacts: str = "artifacts"
+    reports: str = "reports"
+
+
+class SynthCfg(Strict):
+    image_size: int = Field(96, ge=32, le=512)
+    modalities: list[str] = Field(default_factory=lambda: list(MODALITIES))
+    train_per_modality: int = Field(400, ge=4)
+    probe_per_modality: int = Field(60, ge=4)
+    test_per_modality: int = Field(120, ge=4)
+    difficulty: float = Field(0.6, ge=0.0, le=1.0)
+    workers: int = Field(2, ge=1)
+
+    @field_validator("modalities")
+    @classmethod
+    def _known(cls, v: list[str]) -> list[str]:
+        bad = [m for m in v if m not in MODALITIES]
+        if bad:
+            raise ValueError(f"unknown modalities {bad}; known: {list(MODALITIES)}")
+        return v
+
+
+class CurateCfg(Strict):
+    image_size: int = Field(64, ge=16, le=1024)
+    allowed_formats: list[str] = Field(default_factory=lambda: ["PNG", "JPEG"])
+
+
+class ValidateCfg(Strict):
+    min_caption_chars: int = 8
+    min_split_rows: dict[str, int] = Field(default_factory=lambda: {"train": 20, "probe": 4, "test": 8})
+    fail_on_error: bool = True
+
+
+class TrainCfg(Strict):
+    """One CLIP-style training loop's knobs (teachers, pretraining)."""
+
+    epochs: int = Field(5, ge=1)
+    batch_size: int = Field(128, ge=2)
+    lr: float = Field(1e-3, gt=0)
+    weight_decay: float = Field(0.2, ge=0)
+    betas: tuple[float, float] = (0.9, 0.98)
+    eps: float = 1e-6
+    warmup_steps: int = Field(20, ge=0)
+    precision: Literal["fp32", "bf16"] = "fp32"
+    augment: bool = True
+
+
+class TeacherSpec(Strict):
+    """One registry entry. `source` picks the loading family."""
+
+    name: str
+    source: Literal["embedded", "open_clip", "open_clip_hub", "hf_clip"] = "embedded"
+    model: str = Field(..., description="open_clip model config name, hub id, or HF repo/folder")
+    checkpoint: str | None = Field(None, description="local weights for open_clip sources")
+    modalities: list[str] = Field(default_factory=lambda: list(MODALITIES))
+    context_length: int | None = None
+
+    @field_validator("modalities")
+    @classmethod
+    def _known(cls, v: list[str]) -> list[str]:
+        bad = [m for m in v if m not in MODALITIES]
+        if bad:
+            raise ValueError(f"unknown modalities {bad}")
+        return v
+
+
+class TeachersCfg(Strict):
+    registry: list[TeacherSpec]
+    train: TrainCfg = TrainCfg()
+
+    @field_validator("registry")
+    @classmethod
+    def _unique(cls, v: list[TeacherSpec]) -> list[TeacherSpec]:
+        names = [t.name for t in v]
+        dup = {n for n in names if names.count(n) > 1}
+        if dup:
+            raise ValueError(f"duplicate teacher names {sorted(dup)}")
+        if not v:
+            raise ValueError("at least one teacher is required")
+        return v
+
+
+class ProjectorCfg(Strict):
+    hidden: int = 256
+    epochs: int = Field(30, ge=1)
+    batch_size: int = 256
+    lr: float = 1e-3
+    noise_std: float = 0.01
+    dropout: float = 0.2
+
+
+class FeaturesCfg(Strict):
+    batch_size: int = Field(256, ge=1)
+    projector: ProjectorCfg = ProjectorCfg()
+
+
+class PretrainCfg(Strict):
+    model: str = "mmkd-student-tiny"
+    train: TrainCfg = TrainCfg()
+
+
+class DistillCfg(Strict):
+    train: TrainCfg = TrainCfg(epochs=3, lr=1e-4, warmup_steps=10)
+    fd_weight: float = 50.0
+    icl_weight: float = 1.0
+    icl_init_temperature: float = 0.07
+    learn_icl_temperature: bool = True
+    route_by_modality: bool = True
+
+
+class EvaluateCfg(Strict):
+    linear_probe_c: float = 1.0
+    recall_k: list[int] = Field(default_factory=lambda: [1, 5, 10])
+    batch_size: int = 256
+
+
+class RegisterCfg(Strict):
+    model_name: str = "mmkd-student"
+    alias: str = "champion"
+
+
+class TrackingCfg(Strict):
+    experiment: str = "mmkd"
+    tracking_uri: str | None = None
+
+
+class ScheduleCfg(Strict):
+    deployment: str = "weekly-retrain"
+    cron: str = "0 3 * * 1"
+    timezone: str = "UTC"
+    work_pool: str = "mmkd-pool"
+
+
+class Params(Strict):
+    profile: str = "default"
+    seed: int = 0
+    threads: int = Field(2, ge=1)
+    paths: PathsCfg = PathsCfg()
+    synth: SynthCfg = SynthCfg()
+    curate: CurateCfg = CurateCfg()
+    validate_: ValidateCfg = Field(ValidateCfg(), alias="validate")
+    teachers: TeachersCfg
+    features: FeaturesCfg = FeaturesCfg()
+    pretrain: PretrainCfg = PretrainCfg()
+    distill: DistillCfg = DistillCfg()
+    evaluate: EvaluateCfg = EvaluateCfg()
+    register_: RegisterCfg = Field(RegisterCfg(), alias="register")
+    tracking: TrackingCfg = TrackingCfg()
+    schedule: ScheduleCfg = ScheduleCfg()
+    profiles: dict[str, dict[str, Any]] = Field(default_factory=dict)
+
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+
+
+def deep_merge(base: dict, overlay: dict) -> dict:
+    out = copy.deepcopy(base)
+    for key, value in overlay.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = deep_merge(out[key], value)
+        else:
+            out[key] = copy.deepcopy(value)
+    return out
+
+
+def _format_errors(err: ValidationError, source: str) -> str:
+    lines = [f"{source}: invalid configuration"]
+    for e in err.errors():
+        key = ".".join(str(p) for p in e["loc"])
+        lines.append(f"  {key}: {e['msg']}")
+    return "\n".join(lines)
+
+
+def load_params(path: str | Path = "params.yaml", profile: str | None = None) -> Params:
+    """Read params.yaml, apply the chosen profile overlay, validate. Errors name the bad key."""
+    path = Path(path)
+    if not path.exists():
+        raise ConfigError(f"{path}: parameters file not found")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML: {exc}") from exc
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: top level must be a mapping")
+    chosen = profile or raw.get("profile", "default")
+    profiles = raw.get("profiles") or {}
+    if chosen != "default" and chosen not in profiles:
+        raise ConfigError(f"{path}: profile '{chosen}' not in profiles {sorted(profiles)}")
+    merged = deep_merge(raw, profiles.get(chosen) or {})
+    merged["profile"] = chosen
+    try:
+        return Params.model_validate(merged)
+    except ValidationError as exc:
+        raise ConfigError(_format_errors(exc, str(path))) from exc
+
+
+class Workspace:
+    """Where every step reads and writes, resolved against one root folder."""
+
+    def __init__(self, root: str | Path, params: Params):
+        self.root = Path(root).resolve()
+        self.params = params
+        p = params.paths
+        self.data = self.root / p.data
+        self.artifacts = self.root / p.artifacts
+        self.reports = self.root / p.reports
+
+    # raw data (data.dvc)
+    @property
+    def raw_manifest(self) -> Path:
+        return self.data / "manifest.jsonl"
+
+    # step outputs; each step owns one folder so DVC can cache it whole
+    @property
+    def curated(self) -> Path:
+        return self.artifacts / "curated"
+
+    @property
+    def teachers(self) -> Path:
+        return self.artifacts / "teachers"
+
+    @property
+    def features(self) -> Path:
+        return self.artifacts / "features"
+
+    @property
+    def stage1(self) -> Path:
+        return self.artifacts / "student_stage1"
+
+    @property
+    def student(self) -> Path:
+        return self.artifacts / "student"
+
+    @property
+    def validation_report(self) -> Path:
+        return self.reports / "validation.json"
+
+    @property
+    def metrics(self) -> Path:
+        return self.reports / "metrics.json"
+
+    @property
+    def leaderboard(self) -> Path:
+        return self.reports / "leaderboard.md"
+
+    @property
+    def registration(self) -> Path:
+        return self.reports / "registration.json"

@@ -1,0 +1,1 @@
+"""Data: synthetic corpus, manifests, curation and the training datasets."""

@@ -1,0 +1,1 @@
+"""Evaluation: zero-shot, linear probe and retrieval metrics for students and teachers."""

@@ -1,0 +1,96 @@
+"""Owns the evaluation run: every model on every held-out set, written as metrics.json and a leaderboard."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from mmkd.data.curate import load_curated
+from mmkd.evaluation.metrics import class_embeddings, linear_probe, retrieval, zero_shot
+from mmkd.models.encoder import ClipEncoder
+
+HEADLINE = ("zeroshot_acc1", "probe_acc1", "i2t_r1", "t2i_r1")
+
+
+@dataclass
+class Candidate:
+    """A model to evaluate; `cached` holds precomputed split embeddings (teachers), else they are computed."""
+
+    name: str
+    encoder: ClipEncoder
+    kind: str  # "student" or "teacher"
+    domain: list[str] | None = None
+    cached: dict[str, dict[str, np.ndarray]] | None = None
+
+
+def _split_embeddings(c: Candidate, split: str, records, images, batch: int) -> tuple[np.ndarray, np.ndarray]:
+    if c.cached and split in c.cached:
+        return c.cached[split]["image"], c.cached[split]["text"]
+    return c.encoder.encode_images(images, batch), c.encoder.encode_texts([r["caption"] for r in records], batch)
+
+
+def evaluate(candidates: list[Candidate], curated_dir: Path, tasks: dict, recall_k: list[int], probe_c: float,
+             seed: int, batch: int = 256) -> dict:
+    """model -> dataset -> metric. Datasets are the held-out test sets, one per modality, plus `mean`."""
+    test_rec, test_img = load_curated(curated_dir, "test")
+    probe_rec, probe_img = load_curated(curated_dir, "probe")
+    results: dict[str, dict[str, dict[str, float]]] = {}
+    for c in candidates:
+        te_i, te_t = _split_embeddings(c, "test", test_rec, test_img, batch)
+        pr_i, _ = _split_embeddings(c, "probe", probe_rec, probe_img, batch)
+        per: dict[str, dict[str, float]] = {}
+        for dataset, task in tasks.items():
+            classes = task["classes"]
+            sel = np.array([r["modality"] == task["modality"] for r in test_rec])
+            psel = np.array([r["modality"] == task["modality"] for r in probe_rec])
+            if not sel.any():
+                continue
+            y = np.array([classes.index(r["labels"][task["label"]]) for r in test_rec if r["modality"] == task["modality"]])
+            py = np.array([classes.index(r["labels"][task["label"]]) for r in probe_rec if r["modality"] == task["modality"]])
+            cls = class_embeddings([c.encoder.encode_texts(task["prompts"][k], batch) for k in classes])
+            m = zero_shot(te_i[sel], cls, y)
+            if psel.any() and len(np.unique(py)) > 1:
+                m.update(linear_probe(pr_i[psel], py, te_i[sel], y, len(classes), probe_c, seed))
+            m.update(retrieval(te_i[sel], te_t[sel], recall_k))
+            m["n_test"] = int(sel.sum())
+            m["in_domain"] = float(c.domain is None or task["modality"] in c.domain)
+            per[dataset] = m
+        keys = [k for k in next(iter(per.values())) if k not in ("n_test", "in_domain")]
+        per["mean"] = {k: float(np.mean([v[k] for v in per.values() if k in v])) for k in keys}
+        results[c.name] = per
+    return results
+
+
+def leaderboard(results: dict, candidates: list[Candidate]) -> str:
+    """Markdown: mean headline metrics per model, then zero-shot acc1 per held-out set."""
+    kinds = {c.name: c for c in candidates}
+    datasets = [d for d in next(iter(results.values())) if d != "mean"]
+    order = sorted(results, key=lambda n: -results[n]["mean"]["zeroshot_acc1"])
+    lines = ["# Leaderboard", "", "Held-out test sets of the embedded corpus, one per modality. "
+             "Means are over all sets; teachers are domain specialists, so most sets are outside their domain.", "",
+             "| model | kind | domain | " + " | ".join(f"mean {h}" for h in HEADLINE) + " |",
+             "|---|---|---|" + "---|" * len(HEADLINE)]
+    for n in order:
+        c = kinds[n]
+        dom = ", ".join(c.domain) if c.domain else "all"
+        vals = " | ".join(f"{results[n]['mean'].get(h, float('nan')):.3f}" for h in HEADLINE)
+        lines.append(f"| {n} | {c.kind} | {dom} | {vals} |")
+    lines += ["", "## Zero-shot acc1 per held-out set (* = inside the model's training domain)", "",
+              "| model | " + " | ".join(datasets) + " |", "|---|" + "---|" * len(datasets)]
+    for n in order:
+        cells = []
+        for d in datasets:
+            m = results[n].get(d, {})
+            star = "*" if m.get("in_domain") and kinds[n].domain else ""
+            cells.append(f"{m.get('zeroshot_acc1', float('nan')):.3f}{star}")
+        lines.append(f"| {n} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def write_reports(results: dict, board: str, metrics_path: Path, leaderboard_path: Path) -> None:
+    metrics_path.parent.mkdir(parents=True, exist_ok=True)
+    metrics_path.write_text(json.dumps(results, indent=1, sort_keys=True))
+    leaderboard_path.write_text(board)

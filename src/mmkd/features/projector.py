@@ -1,0 +1,80 @@
+"""Owns the multi-teacher autoencoder that maps each teacher's native embeddings to the student's dimension."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+from torch import nn
+from tqdm import tqdm
+
+from mmkd.config import ProjectorCfg
+
+
+class MultiTeacherAutoencoder(nn.Module):
+    """One linear in/out layer per teacher around a shared MLP encoder/decoder (the reference design)."""
+
+    def __init__(self, dims: dict[str, int], latent: int, hidden: int, dropout: float):
+        super().__init__()
+        self.dims, self.latent, self.hidden = dict(dims), latent, hidden
+        self.inp = nn.ModuleDict({t: nn.Linear(d, hidden) for t, d in dims.items()})
+        self.encoder = nn.Sequential(nn.GELU(), nn.Dropout(dropout), nn.Linear(hidden, hidden), nn.GELU(),
+                                     nn.Linear(hidden, latent))
+        self.decoder = nn.Sequential(nn.Linear(latent, hidden), nn.GELU(), nn.Dropout(dropout),
+                                     nn.Linear(hidden, hidden), nn.GELU())
+        self.out = nn.ModuleDict({t: nn.Linear(hidden, d) for t, d in dims.items()})
+
+    def encode(self, teacher: str, x: torch.Tensor) -> torch.Tensor:
+        return self.encoder(self.inp[teacher](x))
+
+    def forward(self, teacher: str, x: torch.Tensor) -> torch.Tensor:
+        return self.out[teacher](self.decoder(self.encode(teacher, x)))
+
+    @torch.no_grad()
+    def project(self, teacher: str, x: torch.Tensor) -> torch.Tensor:
+        """Student-dimension targets, L2-normalised (the reference forgot this; its MSE assumes it)."""
+        self.eval()
+        return F.normalize(self.encode(teacher, x), dim=-1)
+
+
+def train_projector(features: dict[str, torch.Tensor], latent: int, cfg: ProjectorCfg, seed: int) -> tuple[MultiTeacherAutoencoder, dict]:
+    """features: teacher -> [N, D_t] (image and text rows together). Reconstruction MSE with input noise."""
+    torch.manual_seed(seed)
+    gen = torch.Generator().manual_seed(seed)
+    dims = {t: int(x.shape[1]) for t, x in features.items()}
+    model = MultiTeacherAutoencoder(dims, latent, cfg.hidden, cfg.dropout)
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=1e-4)
+    losses: dict[str, float] = {}
+    model.train()
+    for _ in tqdm(range(cfg.epochs), desc="projector", unit="epoch"):
+        for t, x in features.items():
+            order = torch.randperm(len(x), generator=gen)
+            total, count = 0.0, 0
+            for i in range(0, len(x), cfg.batch_size):
+                batch = x[order[i : i + cfg.batch_size]]
+                noisy = batch + cfg.noise_std * torch.randn(batch.shape, generator=gen)
+                loss = F.mse_loss(model(t, noisy), batch)
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                total, count = total + loss.item() * len(batch), count + len(batch)
+            losses[t] = total / max(1, count)
+    model.eval()
+    return model, {f"recon_mse_{t}": v for t, v in losses.items()}
+
+
+def save_projector(model: MultiTeacherAutoencoder, folder: Path) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, folder / "projector.safetensors")
+    meta = {"dims": model.dims, "latent": model.latent, "hidden": model.hidden}
+    (folder / "projector.json").write_text(json.dumps(meta, indent=1, sort_keys=True))
+
+
+def load_projector(folder: Path) -> MultiTeacherAutoencoder:
+    meta = json.loads((folder / "projector.json").read_text())
+    model = MultiTeacherAutoencoder(meta["dims"], meta["latent"], meta["hidden"], dropout=0.0)
+    model.load_state_dict(load_file(folder / "projector.safetensors"))
+    return model.eval()

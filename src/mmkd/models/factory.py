@@ -1,0 +1,109 @@
+"""Owns model construction: registers mmkd's declarative open_clip configs and builds encoders from them."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import open_clip
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+
+CONFIG_DIR = Path(__file__).parent / "model_configs"
+OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
+OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
+_registered = False
+
+
+def register_configs() -> None:
+    """Make mmkd-* model configs visible to open_clip's factory (idempotent)."""
+    global _registered
+    if not _registered:
+        open_clip.add_model_config(CONFIG_DIR)
+        _registered = True
+
+
+def model_config(name: str) -> dict:
+    register_configs()
+    cfg = open_clip.get_model_config(name)
+    if cfg is None:
+        raise KeyError(f"unknown model config '{name}'; mmkd configs: {sorted(p.stem for p in CONFIG_DIR.glob('*.json'))}")
+    return cfg
+
+
+def create_model(name: str, device: str | torch.device = "cpu") -> torch.nn.Module:
+    """A randomly initialised open_clip CLIP from a registered config name."""
+    model_config(name)
+    return open_clip.create_model(name, pretrained=None, device=device)
+
+
+def resolve_device(spec: str = "auto") -> torch.device:
+    if spec == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(spec)
+
+
+def save_checkpoint(model: torch.nn.Module, folder: Path, model_name: str, extra: dict | None = None) -> Path:
+    """Weights as safetensors plus a small JSON naming the config, so loading never unpickles."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    save_file(state, folder / "model.safetensors")
+    meta = {"model": model_name, **(extra or {})}
+    (folder / "model.json").write_text(json.dumps(meta, indent=1, sort_keys=True))
+    return folder / "model.safetensors"
+
+
+def load_checkpoint(folder: Path, device: str | torch.device = "cpu") -> tuple[torch.nn.Module, dict]:
+    folder = Path(folder)
+    meta_path = folder / "model.json"
+    if not meta_path.exists():
+        raise FileNotFoundError(f"{folder}: no model.json; not an mmkd checkpoint folder")
+    meta = json.loads(meta_path.read_text())
+    model = create_model(meta["model"], device=device)
+    model.load_state_dict(load_file(folder / "model.safetensors", device=str(device)))
+    model.eval()
+    return model, meta
+
+
+@dataclass
+class ImageSpec:
+    size: int
+    mean: tuple[float, float, float] = OPENAI_MEAN
+    std: tuple[float, float, float] = OPENAI_STD
+
+
+def image_spec(model: torch.nn.Module) -> ImageSpec:
+    visual = model.visual
+    size = visual.image_size
+    size = size[0] if isinstance(size, (tuple, list)) else int(size)
+    mean = tuple(getattr(visual, "image_mean", None) or OPENAI_MEAN)
+    std = tuple(getattr(visual, "image_std", None) or OPENAI_STD)
+    return ImageSpec(size, mean, std)
+
+
+def to_tensor(images: np.ndarray, spec: ImageSpec, device, augment: bool = False,
+              generator: torch.Generator | None = None) -> torch.Tensor:
+    """uint8 NHWC -> normalised float NCHW at the model's size; optional RandomResizedCrop(0.9-1.0)."""
+    x = torch.from_numpy(np.ascontiguousarray(images)).to(device).permute(0, 3, 1, 2).float() / 255.0
+    if augment:
+        n, _, h, w = x.shape
+        # per-sample crop boxes drawn from the seeded generator, applied in one batched resample
+        scale = torch.empty(n).uniform_(0.9, 1.0, generator=generator)
+        ratio = torch.exp(torch.empty(n).uniform_(np.log(3 / 4), np.log(4 / 3), generator=generator))
+        cw = torch.sqrt(scale * ratio).clamp(max=1.0)
+        ch = torch.sqrt(scale / ratio).clamp(max=1.0)
+        cx = (torch.rand(n, generator=generator) * 2 - 1) * (1 - cw)
+        cy = (torch.rand(n, generator=generator) * 2 - 1) * (1 - ch)
+        theta = torch.zeros(n, 2, 3)
+        theta[:, 0, 0], theta[:, 0, 2], theta[:, 1, 1], theta[:, 1, 2] = cw, cx, ch, cy
+        grid = F.affine_grid(theta.to(device), (n, 3, spec.size, spec.size), align_corners=False)
+        x = F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
+    elif x.shape[-1] != spec.size or x.shape[-2] != spec.size:
+        x = F.interpolate(x, size=(spec.size, spec.size), mode="bicubic", align_corners=False).clamp(0, 1)
+    mean = torch.tensor(spec.mean, device=device).view(1, 3, 1, 1)
+    std = torch.tensor(spec.std, device=device).view(1, 3, 1, 1)
+    return (x - mean) / std

@@ -1,0 +1,1 @@
+"""Teachers: the registry that loads every teacher family, and training of the embedded specialists."""

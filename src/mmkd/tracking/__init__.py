@@ -1,0 +1,1 @@
+"""Tracking: MLflow runs, and the student packaged as an MLflow model."""

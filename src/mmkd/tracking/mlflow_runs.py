@@ -1,0 +1,130 @@
+"""Owns MLflow tracking: absolute URIs, the parent run per pipeline run and a nested run per step, by run id."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import subprocess
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Iterator
+
+from mlflow import MlflowClient
+from mlflow.entities import Metric, Param, RunTag
+
+PARENT_ENV = "MMKD_PARENT_RUN_ID"
+
+
+def tracking_uri(root: Path, configured: str | None = None) -> str:
+    """MLFLOW_TRACKING_URI, else params' tracking_uri, else SQLite under mlflow_server/ (always absolute)."""
+    uri = os.environ.get("MLFLOW_TRACKING_URI") or configured
+    if uri:
+        if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
+            uri = "sqlite:///" + str((Path(root) / uri[len("sqlite:///"):]).resolve())
+        return uri
+    db = (Path(root) / "mlflow_server" / "mlflow.db").resolve()
+    db.parent.mkdir(parents=True, exist_ok=True)
+    return f"sqlite:///{db}"
+
+
+def artifact_location(root: Path) -> str:
+    return (Path(root) / "mlflow_server" / "artifacts").resolve().as_uri()
+
+
+def git_commit(root: Path) -> str:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, timeout=10)
+        return out.stdout.strip() or "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def data_hash(root: Path, manifest: Path) -> str:
+    """The DVC hash of data/ when data.dvc exists, else the manifest's own sha256."""
+    dvc_file = Path(root) / "data.dvc"
+    if dvc_file.exists():
+        for line in dvc_file.read_text().splitlines():
+            if line.strip().startswith("- md5:") or line.strip().startswith("md5:"):
+                return line.split(":", 1)[1].strip()
+    if manifest.exists():
+        return hashlib.sha256(manifest.read_bytes()).hexdigest()[:32]
+    return "none"
+
+
+def flatten(d: dict, prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(flatten(v, key + "."))
+        else:
+            out[key] = v
+    return out
+
+
+class StepRun:
+    """Logging handle for one MLflow run, addressed by id (safe across threads and processes)."""
+
+    def __init__(self, client: MlflowClient, run_id: str):
+        self.client, self.run_id = client, run_id
+
+    def log_params(self, params: dict) -> None:
+        items = [Param(k, json.dumps(v) if isinstance(v, (list, tuple)) else str(v))
+                 for k, v in flatten(params).items()]
+        for i in range(0, len(items), 100):
+            self.client.log_batch(self.run_id, params=items[i : i + 100])
+
+    def log_metrics(self, metrics: dict, step: int = 0) -> None:
+        import time
+
+        ts = int(time.time() * 1000)
+        items = [Metric(k.replace("@", "_"), float(v), ts, step) for k, v in flatten(metrics).items()
+                 if isinstance(v, (int, float)) and not isinstance(v, bool)]
+        for i in range(0, len(items), 500):
+            self.client.log_batch(self.run_id, metrics=items[i : i + 500])
+
+    def set_tags(self, tags: dict) -> None:
+        self.client.log_batch(self.run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
+
+    def log_artifact(self, path: Path, artifact_path: str | None = None) -> None:
+        path = Path(path)
+        if path.is_dir():
+            self.client.log_artifacts(self.run_id, str(path), artifact_path)
+        elif path.exists():
+            self.client.log_artifact(self.run_id, str(path), artifact_path)
+
+
+class Tracker:
+    """One experiment; creates parent and nested step runs by id."""
+
+    def __init__(self, root: Path, experiment: str, configured_uri: str | None = None):
+        self.uri = tracking_uri(root, configured_uri)
+        self.client = MlflowClient(tracking_uri=self.uri, registry_uri=self.uri)
+        exp = self.client.get_experiment_by_name(experiment)
+        if exp is None:
+            is_local = self.uri.startswith("sqlite:")
+            self.experiment_id = self.client.create_experiment(
+                experiment, artifact_location=artifact_location(root) if is_local else None)
+        else:
+            self.experiment_id = exp.experiment_id
+
+    def start(self, name: str, tags: dict, parent_run_id: str | None = None) -> StepRun:
+        all_tags = dict(tags)
+        if parent_run_id:
+            all_tags["mlflow.parentRunId"] = parent_run_id
+        run = self.client.create_run(self.experiment_id, run_name=name, tags=all_tags)
+        return StepRun(self.client, run.info.run_id)
+
+    def finish(self, run: StepRun, ok: bool) -> None:
+        self.client.set_terminated(run.run_id, status="FINISHED" if ok else "FAILED")
+
+    @contextmanager
+    def run(self, name: str, tags: dict, parent_run_id: str | None = None) -> Iterator[StepRun]:
+        step = self.start(name, tags, parent_run_id)
+        try:
+            yield step
+        except BaseException:
+            self.finish(step, ok=False)
+            raise
+        self.finish(step, ok=True)

@@ -1,0 +1,1 @@
+"""Validation: the Great Expectations suite over the curated manifest."""

@@ -1,0 +1,5 @@
+"""Prefect task: Stage 2: multi-teacher feature distillation."""
+
+from tasks import step_task
+
+distill = step_task("distill", retries=0)

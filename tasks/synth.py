@@ -1,0 +1,5 @@
+"""Prefect task: Generate the embedded synthetic corpus into data/."""
+
+from tasks import step_task
+
+synth = step_task("synth", retries=0)

@@ -1,0 +1,5 @@
+"""Prefect task: Validate the curated manifest with Great Expectations."""
+
+from tasks import step_task
+
+validate = step_task("validate", retries=0)
