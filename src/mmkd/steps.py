@@ -236,8 +236,9 @@ def step_register(ctx: Context, run: StepRun) -> dict:
     metrics = json.loads(ws.metrics.read_text())
     with mlflow.start_run(run_id=run.run_id):
         info = mlflow.pyfunc.log_model(
-            name="student", python_model=pyfunc.StudentEmbedder(), artifacts={"checkpoint": str(ws.student)},
-            signature=pyfunc.signature(), code_paths=[str(Path(__file__).parent)],
+            name="student", python_model=str(Path(pyfunc.__file__).with_name("student_model_code.py")),
+            artifacts={"checkpoint": str(ws.student)}, signature=pyfunc.signature(),
+            input_example=pyfunc.example_input(), code_paths=[str(Path(__file__).parent)],
             pip_requirements=["torch", "open_clip_torch", "safetensors", "pillow", "pandas", "numpy"],
             registered_model_name=cfg.model_name, await_registration_for=60,
             metadata={"profile": p.profile, "mean_metrics": metrics["student"]["mean"]})

@@ -114,9 +114,9 @@ def mri(rng, size, finding, attrs, c):
     img = 0.55 * (head - brain) + 0.4 * brain
     theta = np.arctan2(yy, xx)
     img += 0.06 * brain * np.sin(theta * 14 + 6 * np.sqrt(yy**2 + xx**2) + rng.uniform(0, 6))
-    vscale = 1.0
+    vscale = rng.uniform(0.85, 1.2)  # normal ventricles vary, so mild hydrocephalus overlaps them
     if finding == "hydrocephalus":
-        vscale = 1.4 + 0.9 * c
+        vscale = 1.15 + 0.6 * c
     vent = ellipse(yy, xx, -0.08, -0.12, 0.22 * vscale, 0.07 * vscale, angle=0.3) + ellipse(
         yy, xx, -0.08, 0.12, 0.22 * vscale, 0.07 * vscale, angle=-0.3
     )
@@ -125,8 +125,8 @@ def mri(rng, size, finding, attrs, c):
         r = 0.2 if attrs["size"] == "large" else 0.12
         cx = 0.35 * _side_x(attrs["side"], radiological=True)
         cy = rng.uniform(-0.4, 0.35)
-        img += 0.18 * c * ellipse(yy, xx, cy, cx, r * 1.7, r * 1.7, soft=0.15)  # edema
-        img += 0.35 * c * ellipse(yy, xx, cy, cx, r, r, soft=0.05)
+        img += 0.1 * c * ellipse(yy, xx, cy, cx, r * 1.7, r * 1.7, soft=0.15)  # edema
+        img += 0.2 * c * ellipse(yy, xx, cy, cx, r, r, soft=0.05)
     return to_rgb(img + 0.03 * smooth_noise(rng, size, 10))
 
 
@@ -200,20 +200,20 @@ def dermatology(rng, size, finding, attrs, c):
     dist = np.sqrt((yy - cy) ** 2 + (xx - cx) ** 2)
     if finding == "nevus":
         m = 1 / (1 + np.exp((dist - r0 * 0.8) / 0.02))
-        color = np.array([0.45, 0.28, 0.18]) * tone / tone.max()
-        lesion = np.broadcast_to(color, skin.shape)
+        color = np.array([0.45, 0.28, 0.18]) * rng.uniform(0.6, 1.3)  # nevi range from tan to dark brown
+        lesion = np.broadcast_to(color, skin.shape) * (1 + 0.15 * smooth_noise(rng, size, 4))[..., None]
     elif finding == "melanoma":
-        wobble = 1 + 0.25 * c * (np.sin(3 * theta + rng.uniform(0, 6)) + 0.6 * np.sin(7 * theta + rng.uniform(0, 6)))
+        wobble = 1 + 0.15 * c * (np.sin(3 * theta + rng.uniform(0, 6)) + 0.6 * np.sin(7 * theta + rng.uniform(0, 6)))
         m = 1 / (1 + np.exp((dist - r0 * wobble) / 0.03))
         patches = smooth_noise(rng, size, 6)[..., None]
         dark, blue = np.array([0.15, 0.08, 0.06]), np.array([0.35, 0.35, 0.45])
         lesion = np.where(patches > 0.2, dark, np.where(patches < -0.3, blue, np.array([0.4, 0.25, 0.15])))
-        lesion = c * lesion + (1 - c) * np.array([0.45, 0.28, 0.18])
+        lesion = 0.6 * c * lesion + (1 - 0.6 * c) * np.array([0.45, 0.28, 0.18])
     else:  # psoriasis plaque
         m = 1 / (1 + np.exp((dist - r0 * (1 + 0.1 * np.sin(5 * theta))) / 0.06))
         scale = (rng.uniform(0, 1, (size, size)) > 0.8)[..., None]
         lesion = np.where(scale, np.array([0.95, 0.92, 0.9]), np.array([0.85, 0.35, 0.35]))
-        lesion = c * lesion + (1 - c) * (tone * np.array([1.0, 0.8, 0.8]))
+        lesion = 0.5 * c * lesion + (1 - 0.5 * c) * np.array([0.5, 0.3, 0.2])
     m = m[..., None]
     hair = (np.abs(np.sin(xx * 3 + yy * 9 + rng.uniform(0, 6))) < 0.02)[..., None] * (rng.uniform() < 0.5)
     out = skin * (1 - m) + m * lesion
@@ -234,18 +234,18 @@ def fundus(rng, size, finding, attrs, c):
         dphi = np.angle(np.exp(1j * (phi - a0 - 0.35 * rd)))
         vessels = np.maximum(vessels, np.exp(-((dphi * rd) ** 2) / 0.0015) * (rd > 0.1))
     out = base * (1 - 0.5 * vessels[..., None]) + 0.5 * vessels[..., None] * np.array([0.55, 0.08, 0.05])
-    disc = ellipse(yy, xx, dy, dx, 0.16, 0.14, soft=0.05)[..., None]
-    cdr = 0.35 + (0.45 * c if finding == "glaucoma" else rng.uniform(-0.05, 0.1))
-    cup = ellipse(yy, xx, dy, dx, 0.16 * cdr, 0.14 * cdr, soft=0.05)[..., None]
+    disc = ellipse(yy, xx, dy, dx, 0.2, 0.18, soft=0.05)[..., None]
+    cdr = 0.3 + (0.25 + 0.35 * c if finding == "glaucoma" else rng.uniform(-0.05, 0.1))
+    cup = ellipse(yy, xx, dy, dx, 0.2 * cdr, 0.18 * cdr, soft=0.05)[..., None]
     out = out * (1 - disc) + disc * np.array([0.98, 0.8, 0.45])
     out = out * (1 - cup) + cup * np.array([1.0, 0.95, 0.8])
     if finding == "retinopathy":
         n = int(6 + 20 * c)
         pts = rng.uniform(-0.6, 0.6, (n, 2))
-        dots = blobs(yy, xx, pts, np.full(n, 0.03), soft=0.5)[..., None]
+        dots = blobs(yy, xx, pts, np.full(n, 0.045), soft=0.5)[..., None]
         out = out * (1 - dots) + dots * np.array([0.45, 0.02, 0.02])
         k = int(3 + 10 * c)
-        ex = blobs(yy, xx, rng.uniform(-0.5, 0.5, (k, 2)), np.full(k, 0.035), soft=0.5)[..., None]
+        ex = blobs(yy, xx, rng.uniform(-0.5, 0.5, (k, 2)), np.full(k, 0.05), soft=0.5)[..., None]
         out = out * (1 - ex) + ex * np.array([0.98, 0.9, 0.45])
     return out * retina[..., None]
 

@@ -78,6 +78,18 @@ def leaderboard(results: dict, candidates: list[Candidate]) -> str:
         dom = ", ".join(c.domain) if c.domain else "all"
         vals = " | ".join(f"{results[n]['mean'].get(h, float('nan')):.3f}" for h in HEADLINE)
         lines.append(f"| {n} | {c.kind} | {dom} | {vals} |")
+    students = [n for n in order if kinds[n].kind == "student"]
+    teachers = [n for n in order if kinds[n].kind == "teacher" and kinds[n].domain]
+    if teachers and students:
+        lines += ["", "## On each teacher's own domain (mean over its in-domain sets)", "",
+                  "| domain of | sets | metric | teacher | " + " | ".join(students) + " |",
+                  "|---|---|---|---|" + "---|" * len(students)]
+        for t in teachers:
+            own = [d for d in datasets if results[t][d].get("in_domain")]
+            for h in ("zeroshot_acc1", "probe_acc1"):
+                def mean(n):
+                    return np.mean([results[n][d].get(h, np.nan) for d in own])
+                lines.append(f"| {t} | {len(own)} | {h} | {mean(t):.3f} | " + " | ".join(f"{mean(s):.3f}" for s in students) + " |")
     lines += ["", "## Zero-shot acc1 per held-out set (* = inside the model's training domain)", "",
               "| model | " + " | ".join(datasets) + " |", "|---|" + "---|" * len(datasets)]
     for n in order:

@@ -63,7 +63,11 @@ class StudentEmbedder(mlflow.pyfunc.PythonModel):
         return out
 
 
+def example_input() -> pd.DataFrame:
+    return pd.DataFrame({"image": [encode_image_b64(np.zeros((8, 8, 3), np.uint8))], "text": ["a chest X-ray"]})
+
+
 def signature():
-    example_in = pd.DataFrame({"image": [encode_image_b64(np.zeros((8, 8, 3), np.uint8))], "text": ["a chest X-ray"]})
+    example_in = example_input()
     example_out = pd.DataFrame({"image_embedding": [[0.0, 1.0]], "text_embedding": [[1.0, 0.0]]})
     return infer_signature(example_in, example_out)

@@ -1,0 +1,68 @@
+"""Shared fixtures: an isolated Prefect home and MLflow store, tiny workspaces, and the smoke pipeline run once."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import pytest
+
+# Isolate Prefect and MLflow before either is imported anywhere in the session.
+_PREFECT_HOME = tempfile.mkdtemp(prefix="mmkd-prefect-")
+os.environ["PREFECT_HOME"] = _PREFECT_HOME
+os.environ.pop("MLFLOW_TRACKING_URI", None)
+os.environ.pop("MMKD_PARENT_RUN_ID", None)
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def write_params(root: Path, profile: str = "smoke") -> Path:
+    """A copy of the repo's params.yaml in root, pinned to a profile."""
+    text = (REPO / "params.yaml").read_text().replace("profile: default", f"profile: {profile}", 1)
+    path = root / "params.yaml"
+    path.write_text(text)
+    return path
+
+
+@pytest.fixture(scope="session")
+def prefect_harness():
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=120):
+        yield
+
+
+@pytest.fixture(scope="session")
+def smoke_corpus(tmp_path_factory) -> Path:
+    """A workspace with the smoke corpus generated and curated (no training)."""
+    from mmkd.steps import Context, run_step
+
+    root = tmp_path_factory.mktemp("corpus")
+    write_params(root)
+    ctx = Context.load(root)
+    run_step("synth", ctx)
+    run_step("curate", ctx)
+    return root
+
+
+@pytest.fixture(scope="session")
+def smoke_run(tmp_path_factory, prefect_harness) -> dict:
+    """The whole smoke flow, run once through Prefect, in a fresh workspace with its own MLflow database."""
+    from flows.retrain import retrain
+
+    root = tmp_path_factory.mktemp("smoke")
+    params = write_params(root)
+    result = retrain(profile="smoke", root=str(root), params_path=str(params))
+    return {"root": root, "result": result}
+
+
+@pytest.fixture()
+def workspace(tmp_path) -> Path:
+    write_params(tmp_path)
+    return tmp_path
+
+
+def pytest_sessionfinish(session, exitstatus):
+    shutil.rmtree(_PREFECT_HOME, ignore_errors=True)

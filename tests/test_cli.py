@@ -1,0 +1,33 @@
+"""Code tests: the `mmkd` command line's errors and the deployment file."""
+
+from typer.testing import CliRunner
+
+from mmkd.cli import app
+from tests.conftest import REPO
+
+runner = CliRunner()
+
+
+def test_unknown_stage_is_rejected(workspace):
+    res = runner.invoke(app, ["stage", "bogus", "--root", str(workspace)])
+    assert res.exit_code == 2 and "unknown stage 'bogus'" in res.output
+
+
+def test_bad_params_name_the_key(workspace):
+    p = workspace / "params.yaml"
+    p.write_text(p.read_text().replace("seed: 1234", "seed: many"))
+    res = runner.invoke(app, ["stage", "curate", "--root", str(workspace)])
+    assert res.exit_code == 2 and "seed" in res.output
+
+
+def test_curate_without_data_names_the_missing_manifest(workspace):
+    res = runner.invoke(app, ["stage", "curate", "--root", str(workspace)])
+    assert res.exit_code != 0
+    assert "manifest.jsonl" in str(res.exception)
+
+
+def test_prefect_yaml_matches_params():
+    res = runner.invoke(app, ["deploy", "--check", "--root", str(REPO)])
+    assert res.exit_code == 0, res.output
+    text = (REPO / "prefect.yaml").read_text()
+    assert "flows/retrain.py:retrain" in text and "0 3 * * 1" in text

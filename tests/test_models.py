@@ -1,0 +1,123 @@
+"""Model tests: losses, checkpoints, the teacher registry's loading families, projector and teacher sampling."""
+
+import math
+
+import numpy as np
+import open_clip
+import pytest
+import torch
+import torch.nn.functional as F
+from safetensors.torch import save_file
+
+from mmkd.config import ProjectorCfg, TeacherSpec
+from mmkd.features.cache import availability
+from mmkd.features.projector import load_projector, save_projector, train_projector
+from mmkd.models.factory import create_model, load_checkpoint, save_checkpoint
+from mmkd.teachers.registry import TeacherLoadError, load_teacher
+from mmkd.training.distill import TeacherSampler
+from mmkd.training.losses import clip_loss, distillation_loss, feature_distillation, interactive_contrastive
+
+CPU = torch.device("cpu")
+
+
+def unit(*shape, seed=0):
+    return F.normalize(torch.randn(*shape, generator=torch.Generator().manual_seed(seed)), dim=-1)
+
+
+def test_clip_loss_prefers_aligned_pairs():
+    a = unit(16, 32)
+    scale = torch.tensor(1 / 0.07)
+    assert clip_loss(a, a, scale) < clip_loss(a, unit(16, 32, seed=1), scale)
+    assert clip_loss(a, a, scale).item() < 0.05
+
+
+def test_distillation_terms():
+    s_i, s_t = unit(8, 16), unit(8, 16, seed=1)
+    assert feature_distillation(s_i, s_t, s_i, s_t).item() == 0.0
+    scale = torch.tensor(1 / 0.07)
+    assert interactive_contrastive(s_i, s_i, s_i, s_i, scale) < interactive_contrastive(s_i, s_i, unit(8, 16, seed=2), unit(8, 16, seed=3), scale)
+    total, parts = distillation_loss(s_i, s_t, s_i, s_t, scale, scale, 50.0, 1.0)
+    assert math.isclose(total.item(), parts["loss_task"] + parts["loss_icl"], rel_tol=1e-5)
+
+
+def test_checkpoint_roundtrip_is_safetensors(tmp_path):
+    torch.manual_seed(0)
+    m = create_model("mmkd-teacher-vit-t")
+    save_checkpoint(m, tmp_path / "ck", "mmkd-teacher-vit-t")
+    assert (tmp_path / "ck" / "model.safetensors").exists()
+    m2, meta = load_checkpoint(tmp_path / "ck")
+    tok = open_clip.get_tokenizer("mmkd-teacher-vit-t")(["a fundus photograph"])
+    assert torch.allclose(m.eval().encode_text(tok), m2.encode_text(tok))
+    assert meta["model"] == "mmkd-teacher-vit-t"
+
+
+def test_registry_embedded_missing_checkpoint_is_clear(tmp_path):
+    spec = TeacherSpec(name="rad", source="embedded", model="mmkd-teacher-vit-s")
+    with pytest.raises(TeacherLoadError, match="teacher 'rad': no checkpoint"):
+        load_teacher(spec, tmp_path, CPU)
+
+
+def test_registry_open_clip_local_checkpoint_twin(tmp_path):
+    """The open_clip loading family on a tiny twin: weights saved as open_clip does, loaded back by name."""
+    torch.manual_seed(1)
+    twin = create_model("mmkd-teacher-rn").eval()
+    save_file({k: v.contiguous() for k, v in twin.state_dict().items()}, tmp_path / "twin.safetensors")
+    spec = TeacherSpec(name="twin", source="open_clip", model="mmkd-teacher-rn", checkpoint=str(tmp_path / "twin.safetensors"))
+    enc = load_teacher(spec, tmp_path, CPU)
+    imgs = np.random.default_rng(0).integers(0, 255, (3, 48, 48, 3), dtype=np.uint8)
+    emb = enc.encode_images(imgs)
+    assert emb.shape == (3, 96)
+    assert np.allclose(np.linalg.norm(emb, axis=1), 1, atol=1e-5)
+    tok = open_clip.get_tokenizer("mmkd-teacher-rn")(["a slide"])
+    ref = F.normalize(twin.encode_text(tok), dim=-1).detach().numpy()
+    assert np.allclose(enc.encode_texts(["a slide"]), ref, atol=1e-5)
+
+
+def test_registry_open_clip_bad_checkpoint_is_clear(tmp_path):
+    (tmp_path / "bad.safetensors").write_bytes(b"nonsense")
+    spec = TeacherSpec(name="broken", source="open_clip", model="mmkd-teacher-rn", checkpoint=str(tmp_path / "bad.safetensors"))
+    with pytest.raises(TeacherLoadError, match="teacher 'broken': cannot load"):
+        load_teacher(spec, tmp_path, CPU)
+
+
+def test_registry_hub_teacher_offline_is_clear(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    spec = TeacherSpec(name="biomedclip", source="open_clip_hub",
+                       model="hf-hub:microsoft/BiomedCLIP-PubMedBERT_256-vit_base_patch16_224")
+    with pytest.raises(TeacherLoadError, match="teacher 'biomedclip': cannot load hf-hub:microsoft/BiomedCLIP"):
+        load_teacher(spec, tmp_path, CPU)
+
+
+def test_projector_maps_each_teacher_to_unit_student_vectors(tmp_path):
+    feats = {"a": unit(200, 24), "b": unit(150, 40, seed=5)}
+    model, metrics = train_projector(feats, latent=16, cfg=ProjectorCfg(hidden=32, epochs=3, batch_size=64), seed=0)
+    assert set(metrics) == {"recon_mse_a", "recon_mse_b"}
+    out = model.project("b", feats["b"])
+    assert out.shape == (150, 16)
+    assert torch.allclose(out.norm(dim=1), torch.ones(150), atol=1e-5)
+    save_projector(model, tmp_path)
+    again = load_projector(tmp_path)
+    assert torch.allclose(again.project("a", feats["a"]), model.project("a", feats["a"]), atol=1e-6)
+
+
+def test_projector_training_reduces_reconstruction_error():
+    feats = {"a": unit(400, 24)}
+    _, short = train_projector(feats, 16, ProjectorCfg(hidden=64, epochs=1, dropout=0.0), seed=0)
+    _, long = train_projector(feats, 16, ProjectorCfg(hidden=64, epochs=40, dropout=0.0), seed=0)
+    assert long["recon_mse_a"] < short["recon_mse_a"]
+
+
+def test_routing_and_sampler_draw_only_eligible_teachers():
+    index = {"teachers": {"rad": {"modalities": ["xray"]}, "path": {"modalities": ["pathology"]},
+                          "gen": {"modalities": ["xray", "pathology", "oct"]}}}
+    mods = ["xray", "pathology", "oct", "xray"]
+    mask = availability(index, mods, route_by_modality=True)
+    assert mask.tolist() == [[True, False, True], [False, True, True], [False, False, True], [True, False, True]]
+    assert availability(index, mods, route_by_modality=False).all()
+    sampler = TeacherSampler(mask, seed=0)
+    draws = torch.stack([sampler.draw(torch.arange(4)) for _ in range(300)])
+    for i in range(4):
+        assert set(draws[:, i].tolist()) == set(np.flatnonzero(mask[i]).tolist())
+    again = TeacherSampler(mask, seed=0)
+    assert torch.equal(torch.stack([again.draw(torch.arange(4)) for _ in range(300)]), draws)
