@@ -26,7 +26,7 @@ def test_bad_key_is_named(tmp_path):
 def test_bad_value_is_named(tmp_path):
     text = (REPO / "params.yaml").read_text().replace("batch_size: 128", "batch_size: -3", 1)
     (tmp_path / "p.yaml").write_text(text)
-    with pytest.raises(ConfigError, match=r"teachers\.train\.batch_size"):
+    with pytest.raises(ConfigError, match=r"pretrain\.train\.batch_size"):
         load_params(tmp_path / "p.yaml")
 
 

@@ -114,17 +114,17 @@ def test_curate_quarantines_bad_records_and_keeps_the_good(raw_dir, tmp_path):
     summary = curate(manifest, tmp_path / "curated", CurateCfg(image_size=24))
     assert summary["kept"] == len(good)
     assert summary["quarantined"] == len(bad)
-    q = {json.dumps(r["record"]) if isinstance(r["record"], str) else r["record"]["id"]: r
-         for r in read_manifest_lines(tmp_path / "curated" / "quarantine.jsonl")}
-    reasons = {k: v["reason"] for k, v in q.items()}
+    q = read_manifest_lines(tmp_path / "curated" / "quarantine.jsonl")
+    reasons = {r["id"]: r["reason"] for r in q}
     assert "unreadable image images/corrupt.png" in reasons["corrupt"]
     assert reasons["empty-caption"] == "empty caption"
     assert "image file not found: images/nowhere.png" in reasons["missing"]
     assert reasons["dup-content"].startswith("duplicate image content of")
     assert "unknown modality 'pet'" in reasons["bad-modality"]
     assert "missing field 'caption'" in reasons["no-caption"]
-    malformed = [v for v in q.values() if v["reason"].startswith("invalid JSON")]
-    assert len(malformed) == 1 and malformed[0]["line"] == len(good) + 4
+    malformed = [r for r in q if r["reason"].startswith("invalid JSON")]
+    assert len(malformed) == 1 and malformed[0]["line"] == len(good) + 4 and malformed[0]["id"] is None
+    assert malformed[0]["record"] == '{"id": "truncated", "image": '  # the raw line is kept verbatim
     records, images = load_curated(tmp_path / "curated", "train")
     assert images.shape == (len(records), 24, 24, 3)
     assert all(r["width"] == 24 for r in records)

@@ -91,7 +91,7 @@ def test_champion_model_loads_and_embeds(smoke_run):
     assert abs(np.linalg.norm(img) - 1) < 1e-4 and abs(np.linalg.norm(txt) - 1) < 1e-4
     assert out["image_embedding"][1] is None and len(out["text_embedding"][1]) == 128
     client = MlflowClient(tracking_uri=reg["tracking_uri"])
-    assert client.get_model_version_by_alias("mmkd-student", "champion").version == reg["version"]
+    assert str(client.get_model_version_by_alias("mmkd-student", "champion").version) == reg["version"]
 
 
 def test_dvc_stages_mirror_the_pipeline():

@@ -283,6 +283,8 @@ def start_pipeline(ctx: Context, entry: str) -> str:
 def finish_pipeline(ctx: Context, run_id: str, ok: bool, summary: dict | None = None) -> None:
     tracker = ctx.tracker()
     run = StepRun(tracker.client, run_id)
+    # data may have been generated inside the pipeline, after the parent run was tagged
+    run.set_tags({"mmkd.data_hash": data_hash(ctx.ws.root, ctx.ws.raw_manifest)})
     if summary:
         run.log_metrics(summary)
     if ok and ctx.ws.leaderboard.exists():

@@ -50,14 +50,14 @@ def curate(raw_manifest: Path, out_dir: Path, cfg: CurateCfg) -> dict:
     seen_ids: dict[str, int] = {}
     seen_hash: dict[str, str] = {}
 
-    def reject(line: int, reason: str, rec: dict | None = None, raw: str | None = None) -> None:
-        quarantine.append({"line": line, "id": (rec or {}).get("id"), "reason": reason,
+    def reject(line: int, reason: str, rec: dict | None = None, raw: str | None = None, rid: str | None = None) -> None:
+        quarantine.append({"line": line, "id": (rec or {}).get("id", rid), "reason": reason,
                            "record": rec if rec is not None else raw})
 
     lines = list(iter_manifest(raw_manifest))
     for no, rec, bad in tqdm(lines, desc="curate", unit="rec"):
         if bad is not None:
-            reject(no, bad.reason, raw=bad.raw)
+            reject(no, bad.reason, raw=bad.raw, rid=bad.record_id)
             continue
         problem = _record_problem(rec)
         if problem:

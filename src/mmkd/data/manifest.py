@@ -19,6 +19,7 @@ class BadLine:
     line: int
     raw: str
     reason: str
+    record_id: str | None = None  # when the line parsed far enough to carry an id
 
 
 def check_record(rec: object) -> str | None:
@@ -48,7 +49,8 @@ def iter_manifest(path: Path) -> Iterator[tuple[int, dict | None, BadLine | None
                 continue
             reason = check_record(rec)
             if reason:
-                yield no, None, BadLine(no, raw.rstrip("\n"), reason)
+                rid = rec.get("id") if isinstance(rec, dict) and isinstance(rec.get("id"), str) else None
+                yield no, None, BadLine(no, raw.rstrip("\n"), reason, rid)
             else:
                 yield no, rec, None
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -34,10 +35,22 @@ def model_config(name: str) -> dict:
     return cfg
 
 
+class _NoPretrainedNotice(logging.Filter):
+    """open_clip warns that no pretrained weights were loaded; for mmkd's own configs that is the intent."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "No pretrained weights loaded" not in record.getMessage()
+
+
 def create_model(name: str, device: str | torch.device = "cpu") -> torch.nn.Module:
-    """A randomly initialised open_clip CLIP from a registered config name."""
+    """A randomly initialised open_clip CLIP from a registered config name (weights come from a checkpoint)."""
     model_config(name)
-    return open_clip.create_model(name, pretrained=None, device=device)
+    root, notice = logging.getLogger(), _NoPretrainedNotice()
+    root.addFilter(notice)
+    try:
+        return open_clip.create_model(name, pretrained=None, device=device)
+    finally:
+        root.removeFilter(notice)
 
 
 def resolve_device(spec: str = "auto") -> torch.device:
