@@ -90,6 +90,8 @@ def test_champion_model_loads_and_embeds(smoke_run):
     assert img.shape == txt.shape == (128,)
     assert abs(np.linalg.norm(img) - 1) < 1e-4 and abs(np.linalg.norm(txt) - 1) < 1e-4
     assert out["image_embedding"][1] is None and len(out["text_embedding"][1]) == 128
+    text_only = model.predict(pd.DataFrame({"text": ["Brain MRI with a left glioma."]}))
+    assert len(text_only["text_embedding"][0]) == 128 and text_only["image_embedding"][0] is None
     client = MlflowClient(tracking_uri=reg["tracking_uri"])
     assert str(client.get_model_version_by_alias("mmkd-student", "champion").version) == reg["version"]
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import logging
-import sys
 from pathlib import Path
 from typing import Optional
 
@@ -69,8 +68,7 @@ def run(profile: Optional[str] = ProfileOpt, root: Path = RootOpt, params: Optio
     """Run the whole `retrain` Prefect flow: curate -> ... -> register."""
     _setup_logging()
     ctx = _context(root, params, profile)  # fail fast on bad params, before Prefect starts
-    sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
-    from flows.retrain import retrain
+    from flows.retrain import retrain  # flows/ and tasks/ are installed beside mmkd (pyproject.toml)
 
     result = retrain(profile=ctx.params.profile, root=str(ctx.ws.root), params_path=str(ctx.params_path))
     ws = ctx.ws

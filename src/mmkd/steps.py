@@ -141,6 +141,7 @@ def step_teachers(ctx: Context, run: StepRun) -> dict:
         out[spec.name] = {"source": "embedded", "trained": True, **{k: hist[k] for k in ("loss", "steps", "pairs", "train_seconds")}}
         run.log_metrics({f"{spec.name}.final_loss": hist["loss"], f"{spec.name}.pairs": hist["pairs"]})
     (ws.teachers / "teachers.json").write_text(json.dumps(out, indent=1, sort_keys=True))
+    run.log_artifact(ws.teachers / "teachers.json")
     return out
 
 
@@ -162,6 +163,7 @@ def step_cache_features(ctx: Context, run: StepRun) -> dict:
     stats = build_cache(ws.curated, ws.features, load_teachers(ctx), latent, p.features.projector, p.seed,
                         p.features.batch_size)
     run.log_metrics(stats)
+    run.log_artifact(ws.features / "projector" / "projector.json")
     return stats
 
 
@@ -175,6 +177,7 @@ def step_pretrain(ctx: Context, run: StepRun) -> dict:
     hist = train_clip(p.pretrain.model, images, [r["caption"] for r in records], p.pretrain.train, p.seed,
                       _device(ctx), ws.stage1, "pretrain", _metric_logger(run, "train"), {"stage": 1})
     run.log_metrics({f"final_{k}": v for k, v in hist.items()})
+    run.log_artifact(ws.stage1 / "model.json")
     return hist
 
 
@@ -186,6 +189,7 @@ def step_distill(ctx: Context, run: StepRun) -> dict:
     hist = distill(ws.stage1, ws.curated, ws.features, p.distill, p.seed, _device(ctx), ws.student,
                    _metric_logger(run, "train"))
     run.log_metrics({f"final_{k}": v for k, v in hist.items()})
+    run.log_artifact(ws.student / "model.json")
     return hist
 
 

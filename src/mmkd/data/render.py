@@ -116,7 +116,7 @@ def mri(rng, size, finding, attrs, c):
     img += 0.06 * brain * np.sin(theta * 14 + 6 * np.sqrt(yy**2 + xx**2) + rng.uniform(0, 6))
     vscale = rng.uniform(0.85, 1.2)  # normal ventricles vary, so mild hydrocephalus overlaps them
     if finding == "hydrocephalus":
-        vscale = 1.15 + 0.6 * c
+        vscale = 1.1 + 0.5 * c
     vent = ellipse(yy, xx, -0.08, -0.12, 0.22 * vscale, 0.07 * vscale, angle=0.3) + ellipse(
         yy, xx, -0.08, 0.12, 0.22 * vscale, 0.07 * vscale, angle=-0.3
     )
@@ -125,8 +125,8 @@ def mri(rng, size, finding, attrs, c):
         r = 0.2 if attrs["size"] == "large" else 0.12
         cx = 0.35 * _side_x(attrs["side"], radiological=True)
         cy = rng.uniform(-0.4, 0.35)
-        img += 0.1 * c * ellipse(yy, xx, cy, cx, r * 1.7, r * 1.7, soft=0.15)  # edema
-        img += 0.2 * c * ellipse(yy, xx, cy, cx, r, r, soft=0.05)
+        img += 0.08 * c * ellipse(yy, xx, cy, cx, r * 1.7, r * 1.7, soft=0.15)  # edema
+        img += 0.15 * c * ellipse(yy, xx, cy, cx, r, r, soft=0.05)
     return to_rgb(img + 0.03 * smooth_noise(rng, size, 10))
 
 

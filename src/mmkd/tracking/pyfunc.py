@@ -11,7 +11,8 @@ import numpy as np
 import pandas as pd
 from PIL import Image
 
-from mlflow.models import infer_signature
+from mlflow.models import ModelSignature
+from mlflow.types.schema import Array, ColSpec, Schema
 
 
 def encode_image_b64(path_or_array) -> str:
@@ -67,7 +68,9 @@ def example_input() -> pd.DataFrame:
     return pd.DataFrame({"image": [encode_image_b64(np.zeros((8, 8, 3), np.uint8))], "text": ["a chest X-ray"]})
 
 
-def signature():
-    example_in = example_input()
-    example_out = pd.DataFrame({"image_embedding": [[0.0, 1.0]], "text_embedding": [[1.0, 0.0]]})
-    return infer_signature(example_in, example_out)
+def signature() -> ModelSignature:
+    """Both inputs optional per row: embed an image, a caption, or both."""
+    inputs = Schema([ColSpec("string", "image", required=False), ColSpec("string", "text", required=False)])
+    outputs = Schema([ColSpec(Array("double"), "image_embedding", required=False),
+                      ColSpec(Array("double"), "text_embedding", required=False)])
+    return ModelSignature(inputs=inputs, outputs=outputs)
