@@ -161,6 +161,7 @@ class Params(Strict):
     profile: str = "default"
     seed: int = 0
     threads: int = Field(2, ge=1)
+    device: str = Field("auto", pattern=r"^(auto|cpu|cuda(:\d+)?)$")
     paths: PathsCfg = PathsCfg()
     synth: SynthCfg = SynthCfg()
     curate: CurateCfg = CurateCfg()

@@ -62,7 +62,7 @@ def seed_everything(seed: int, threads: int) -> None:
 def _device(ctx: Context) -> torch.device:
     from mmkd.models.factory import resolve_device
 
-    return resolve_device("auto")
+    return resolve_device(ctx.params.device)
 
 
 def _metric_logger(run: StepRun, prefix: str) -> Callable[[dict, int], None]:

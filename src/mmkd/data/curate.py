@@ -11,7 +11,7 @@ from PIL import Image, UnidentifiedImageError
 from tqdm import tqdm
 
 from mmkd.config import MODALITIES, CurateCfg
-from mmkd.data.manifest import iter_manifest, write_jsonl
+from mmkd.data.manifest import iter_manifest, read_manifest, write_jsonl
 
 SPLITS = ("train", "probe", "test")
 
@@ -113,8 +113,6 @@ def curate(raw_manifest: Path, out_dir: Path, cfg: CurateCfg) -> dict:
 
 def load_curated(curated_dir: Path, split: str) -> tuple[list[dict], np.ndarray]:
     """Records of one split (in shard order) and its uint8 image shard, memory-mapped."""
-    from mmkd.data.manifest import read_manifest
-
     curated_dir = Path(curated_dir)
     records = [r for r in read_manifest(curated_dir / "manifest.jsonl") if r["split"] == split]
     images = np.load(curated_dir / f"images_{split}.npy", mmap_mode="r")

@@ -21,10 +21,6 @@ class ClipEncoder:
         self.device = device
         self.spec = image_spec(self.model)
 
-    @property
-    def embed_dim(self) -> int:
-        return int(self.encode_texts(["probe"]).shape[1])
-
     @torch.no_grad()
     def encode_images(self, images: np.ndarray, batch_size: int = 256) -> np.ndarray:
         out = []
