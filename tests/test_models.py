@@ -121,3 +121,21 @@ def test_routing_and_sampler_draw_only_eligible_teachers():
         assert set(draws[:, i].tolist()) == set(np.flatnonzero(mask[i]).tolist())
     again = TeacherSampler(mask, seed=0)
     assert torch.equal(torch.stack([again.draw(torch.arange(4)) for _ in range(300)]), draws)
+
+
+def test_training_is_repeatable_for_a_seed(tmp_path):
+    """Same seed, same data, same threads: bit-identical weights (the determinism params.yaml promises on CPU)."""
+    from safetensors.torch import load_file
+
+    from mmkd.config import TrainCfg
+    from mmkd.training.clip import train_clip
+
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 255, (24, 48, 48, 3), dtype=np.uint8)
+    captions = [f"a chest X-ray number {i}" for i in range(24)]
+    cfg = TrainCfg(epochs=2, batch_size=8, warmup_steps=1)
+    for run, seed in (("a", 3), ("b", 3), ("c", 4)):
+        train_clip("mmkd-teacher-vit-t", images, captions, cfg, seed, CPU, tmp_path / run, run)
+    a, b, c = (load_file(tmp_path / r / "model.safetensors") for r in "abc")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert not all(torch.equal(a[k], c[k]) for k in a)

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
-from tqdm import tqdm
+from mmkd.progress import progress
 
 from mmkd.config import MODALITIES, CurateCfg
 from mmkd.data.manifest import iter_manifest, read_manifest, write_jsonl
@@ -55,7 +55,7 @@ def curate(raw_manifest: Path, out_dir: Path, cfg: CurateCfg) -> dict:
                            "record": rec if rec is not None else raw})
 
     lines = list(iter_manifest(raw_manifest))
-    for no, rec, bad in tqdm(lines, desc="curate", unit="rec"):
+    for no, rec, bad in progress(lines, desc="curate", unit="rec"):
         if bad is not None:
             reject(no, bad.reason, raw=bad.raw, rid=bad.record_id)
             continue

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import numpy as np
 from PIL import Image
-from tqdm import tqdm
+from mmkd.progress import progress
 
 from mmkd.config import MODALITIES, SynthCfg
 from mmkd.data.manifest import write_jsonl
@@ -257,7 +257,7 @@ def generate(cfg: SynthCfg, seed: int, root: Path) -> dict:
                 jobs.append((seed, m, split, idx, cfg.image_size, cfg.difficulty, str(root)))
     total = sum(len(j[3]) for j in jobs)
     records: list[dict] = []
-    with tqdm(total=total, desc="synth", unit="img") as bar:
+    with progress(total=total, desc="synth", unit="img") as bar:
         if cfg.workers > 1:
             with ProcessPoolExecutor(cfg.workers) as pool:
                 for chunk in pool.map(_render_chunk, jobs):

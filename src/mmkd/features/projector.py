@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import nn
-from tqdm import tqdm
+from mmkd.progress import progress
 
 from mmkd.config import ProjectorCfg
 
@@ -49,7 +49,7 @@ def train_projector(features: dict[str, torch.Tensor], latent: int, cfg: Project
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=1e-4)
     losses: dict[str, float] = {}
     model.train()
-    for _ in tqdm(range(cfg.epochs), desc="projector", unit="epoch"):
+    for _ in progress(range(cfg.epochs), desc="projector", unit="epoch"):
         for t, x in features.items():
             order = torch.randperm(len(x), generator=gen)
             total, count = 0.0, 0

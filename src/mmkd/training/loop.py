@@ -8,7 +8,7 @@ from typing import Callable
 
 import numpy as np
 import torch
-from tqdm import tqdm
+from mmkd.progress import progress
 
 from mmkd.config import TrainCfg
 from mmkd.models.factory import image_spec, to_tensor
@@ -72,7 +72,7 @@ def train(
     use_bf16 = cfg.precision == "bf16"
     history: dict[str, float] = {}
     step, t0 = 0, time.perf_counter()
-    with tqdm(total=total, desc=desc, unit="step") as bar:
+    with progress(total=total, desc=desc, unit="step") as bar:
         for epoch in range(cfg.epochs):
             order = torch.randperm(n, generator=gen)
             for b in range(steps_per_epoch):

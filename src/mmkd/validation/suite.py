@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import tempfile
 from pathlib import Path
@@ -91,12 +92,13 @@ def validate(curated_dir: Path, image_size: int, cfg: ValidateCfg, docs_dir: Pat
                              "examples": [str(v) for v in (res.get("partial_unexpected_list") or [])[:5]]})
     summary = {"success": not failures, "evaluated": len(results), "failed": len(failures), "failures": failures,
                "rows": int(len(df)), "split_rows": dict(zip(splits["split"], splits["rows"].astype(int).tolist())),
-               "data_docs": str(docs_dir / "index.html")}
+               # relative to the report, so the report is the same on every machine
+               "data_docs": os.path.relpath(docs_dir / "index.html", Path(report_path).resolve().parent)}
     report_path.parent.mkdir(parents=True, exist_ok=True)
     report_path.write_text(json.dumps(summary, indent=1))
     if failures and cfg.fail_on_error:
         lines = [f"  - {f['expectation']} on {f['column']}: {f['unexpected_count']} unexpected, e.g. {f['examples']}"
                  for f in failures]
         raise ValidationFailed(f"{len(failures)} of {len(results)} expectations failed:\n" + "\n".join(lines)
-                               + f"\nData Docs: {summary['data_docs']}")
+                               + f"\nData Docs: {docs_dir / 'index.html'}")
     return summary
