@@ -31,3 +31,21 @@ def test_prefect_yaml_matches_params():
     assert res.exit_code == 0, res.output
     text = (REPO / "prefect.yaml").read_text()
     assert "flows/retrain.py:retrain" in text and "0 3 * * 1" in text
+
+
+def test_dvc_entry_point_runs_steps_as_top_level_mlflow_runs(workspace):
+    """`mmkd data synth` then `mmkd stage curate|validate`: what DVC stages call, outside any flow."""
+    import json
+
+    from mlflow import MlflowClient
+
+    for args in (["data", "synth"], ["stage", "curate"], ["stage", "validate"]):
+        res = runner.invoke(app, [*args, "--root", str(workspace), "--profile", "smoke"])
+        assert res.exit_code == 0, (args, res.output, res.exception)
+    assert json.loads((workspace / "reports" / "validation.json").read_text())["success"]
+    assert (workspace / "artifacts" / "curated" / "images_train.npy").exists()
+    client = MlflowClient(f"sqlite:///{workspace / 'mlflow_server' / 'mlflow.db'}")
+    runs = client.search_runs([client.get_experiment_by_name("mmkd").experiment_id])
+    assert {r.data.tags["mmkd.step"] for r in runs} == {"synth", "curate", "validate"}
+    assert all("mlflow.parentRunId" not in r.data.tags for r in runs)
+    assert all(r.info.status == "FINISHED" for r in runs)
