@@ -101,7 +101,8 @@ def image_spec(model: torch.nn.Module) -> ImageSpec:
 def to_tensor(images: np.ndarray, spec: ImageSpec, device, augment: bool = False,
               generator: torch.Generator | None = None) -> torch.Tensor:
     """uint8 NHWC -> normalised float NCHW at the model's size; optional RandomResizedCrop(0.9-1.0)."""
-    x = torch.from_numpy(np.ascontiguousarray(images)).to(device).permute(0, 3, 1, 2).float() / 255.0
+    # np.array copies: batches sliced from a read-only memory-mapped shard cannot back a tensor
+    x = torch.from_numpy(np.array(images, dtype=np.uint8)).to(device).permute(0, 3, 1, 2).float() / 255.0
     if augment:
         n, _, h, w = x.shape
         # per-sample crop boxes drawn from the seeded generator, applied in one batched resample
