@@ -29,3 +29,14 @@ def test_linear_probe_separable():
     y = np.repeat([0, 1, 2], 30)
     m = linear_probe(x, y, x, y, 3, 1.0, 0)
     assert m["probe_acc1"] == 1.0 and m["probe_mean_recall"] == 1.0
+
+
+def test_missing_task_label_names_the_record():
+    from mmkd.evaluation.evaluate import EvaluationDataError, task_labels
+
+    task = {"classes": ["normal", "tumor"], "label": "finding"}
+    recs = [{"id": "a", "split": "test", "labels": {"finding": "tumor"}},
+            {"id": "b", "split": "test", "labels": {}}]
+    assert task_labels(recs[:1], np.array([True]), task, "mri").tolist() == [1]
+    with pytest.raises(EvaluationDataError, match=r"record 'b' \(test\): label 'finding'=None"):
+        task_labels(recs, np.array([True, True]), task, "mri")

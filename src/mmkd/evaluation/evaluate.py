@@ -32,24 +32,44 @@ def _split_embeddings(c: Candidate, split: str, records, images, batch: int) -> 
     return c.encoder.encode_images(images, batch), c.encoder.encode_texts([r["caption"] for r in records], batch)
 
 
+class EvaluationDataError(ValueError):
+    """A held-out record lacks a usable label for its task; the message names the record."""
+
+
+def task_labels(records: list[dict], sel: np.ndarray, task: dict, dataset: str) -> np.ndarray:
+    """Class indices of the selected records for one task."""
+    classes, key = task["classes"], task["label"]
+    out = []
+    for r in (r for r, keep in zip(records, sel) if keep):
+        value = r.get("labels", {}).get(key)
+        if value not in classes:
+            raise EvaluationDataError(f"record '{r['id']}' ({r['split']}): label '{key}'={value!r} is not one of "
+                                      f"{dataset}'s classes {classes}")
+        out.append(classes.index(value))
+    return np.array(out, dtype=int)
+
+
 def evaluate(candidates: list[Candidate], curated_dir: Path, tasks: dict, recall_k: list[int], probe_c: float,
              seed: int, batch: int = 256) -> dict:
     """model -> dataset -> metric. Datasets are the held-out test sets, one per modality, plus `mean`."""
     test_rec, test_img = load_curated(curated_dir, "test")
     probe_rec, probe_img = load_curated(curated_dir, "probe")
+    # labels depend on the task only: resolve (and check) them once, not once per model
+    selections = {}
+    for dataset, task in tasks.items():
+        sel = np.array([r["modality"] == task["modality"] for r in test_rec])
+        psel = np.array([r["modality"] == task["modality"] for r in probe_rec])
+        if sel.any():
+            selections[dataset] = (sel, psel, task_labels(test_rec, sel, task, dataset),
+                                   task_labels(probe_rec, psel, task, dataset))
     results: dict[str, dict[str, dict[str, float]]] = {}
     for c in candidates:
         te_i, te_t = _split_embeddings(c, "test", test_rec, test_img, batch)
         pr_i, _ = _split_embeddings(c, "probe", probe_rec, probe_img, batch)
         per: dict[str, dict[str, float]] = {}
-        for dataset, task in tasks.items():
+        for dataset, (sel, psel, y, py) in selections.items():
+            task = tasks[dataset]
             classes = task["classes"]
-            sel = np.array([r["modality"] == task["modality"] for r in test_rec])
-            psel = np.array([r["modality"] == task["modality"] for r in probe_rec])
-            if not sel.any():
-                continue
-            y = np.array([classes.index(r["labels"][task["label"]]) for r in test_rec if r["modality"] == task["modality"]])
-            py = np.array([classes.index(r["labels"][task["label"]]) for r in probe_rec if r["modality"] == task["modality"]])
             cls = class_embeddings([c.encoder.encode_texts(task["prompts"][k], batch) for k in classes])
             m = zero_shot(te_i[sel], cls, y)
             if psel.any() and len(np.unique(py)) > 1:

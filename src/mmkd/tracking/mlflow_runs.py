@@ -6,10 +6,12 @@ import hashlib
 import json
 import os
 import subprocess
+import time
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator
 
+import yaml
 from mlflow import MlflowClient
 from mlflow.entities import Metric, Param, RunTag
 
@@ -44,9 +46,9 @@ def data_hash(root: Path, manifest: Path) -> str:
     """The DVC hash of data/ when data.dvc exists, else the manifest's own sha256."""
     dvc_file = Path(root) / "data.dvc"
     if dvc_file.exists():
-        for line in dvc_file.read_text().splitlines():
-            if line.strip().startswith("- md5:") or line.strip().startswith("md5:"):
-                return line.split(":", 1)[1].strip()
+        outs = (yaml.safe_load(dvc_file.read_text()) or {}).get("outs") or [{}]
+        if outs[0].get("md5"):
+            return str(outs[0]["md5"])
     if manifest.exists():
         return hashlib.sha256(manifest.read_bytes()).hexdigest()[:32]
     return "none"
@@ -76,8 +78,6 @@ class StepRun:
             self.client.log_batch(self.run_id, params=items[i : i + 100])
 
     def log_metrics(self, metrics: dict, step: int = 0) -> None:
-        import time
-
         ts = int(time.time() * 1000)
         items = [Metric(k.replace("@", "_"), float(v), ts, step) for k, v in flatten(metrics).items()
                  if isinstance(v, (int, float)) and not isinstance(v, bool)]
