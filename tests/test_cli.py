@@ -39,11 +39,12 @@ def test_dvc_entry_point_runs_steps_as_top_level_mlflow_runs(workspace):
 
     from mlflow import MlflowClient
 
-    for args in (["data", "synth"], ["stage", "curate"], ["stage", "validate"]):
+    for args in (["data", "synth"], ["stage", "curate"], ["stage", "validate"], ["data", "report"]):
         res = runner.invoke(app, [*args, "--root", str(workspace), "--profile", "smoke"])
         assert res.exit_code == 0, (args, res.output, res.exception)
     assert json.loads((workspace / "reports" / "validation.json").read_text())["success"]
-    assert (workspace / "artifacts" / "curated" / "images_train.npy").exists()
+    assert (workspace / "artifacts" / "curated" / "shards" / "train-00000.tar").exists()
+    assert "per modality" in res.output and "quarantine reasons" in res.output  # the report
     client = MlflowClient(f"sqlite:///{workspace / 'mlflow_server' / 'mlflow.db'}")
     runs = client.search_runs([client.get_experiment_by_name("mmkd").experiment_id])
     assert {r.data.tags["mmkd.step"] for r in runs} == {"synth", "curate", "validate"}

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from mmkd.config import DistillCfg, ProjectorCfg, TeacherSpec, TrainCfg
-from mmkd.data.curate import load_curated
+from mmkd.data.store import load_curated
 from mmkd.features.cache import FeatureCacheError, build_cache, load_split
 from mmkd.models.encoder import ClipEncoder
 from mmkd.models.factory import create_model, save_checkpoint

@@ -49,6 +49,19 @@ def data_synth(root: Path = RootOpt, params: Optional[Path] = ParamsOpt, profile
     typer.echo(json.dumps(run_step("synth", ctx)["summary"]))
 
 
+@data_app.command("report")
+def data_report(root: Path = RootOpt, params: Optional[Path] = ParamsOpt, profile: Optional[str] = ProfileOpt):
+    """Counts of the curated store per source, modality and split, and the quarantine reasons."""
+    from mmkd.data.report import curation_report
+
+    ctx = _context(root, params, profile)
+    try:
+        typer.echo(curation_report(ctx.ws.curated))
+    except FileNotFoundError as exc:
+        typer.echo(str(exc), err=True)
+        raise typer.Exit(1)
+
+
 @app.command("stage")
 def stage(name: str = typer.Argument(..., help="curate|validate|teachers|cache_features|pretrain|distill|evaluate|register"),
           root: Path = RootOpt, params: Optional[Path] = ParamsOpt, profile: Optional[str] = ProfileOpt):

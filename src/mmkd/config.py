@@ -46,14 +46,88 @@ class SynthCfg(Strict):
         return v
 
 
+SOURCE_KINDS = ("synthetic", "manifest", "webdataset", "folder", "dicom", "nifti")
+
+
+class SourceCfg(Strict):
+    """One raw-data source of `curate.sources`; `kind` picks its reader (src/mmkd/data/sources/)."""
+
+    name: str = Field(..., pattern=r"^[A-Za-z0-9_.-]+$")
+    kind: Literal["synthetic", "manifest", "webdataset", "folder", "dicom", "nifti"]
+    path: str = Field(".", description="file, folder or glob; relative paths are under paths.data")
+    licence: str | None = None
+    modality: str | None = Field(None, description="the modality of every record (else per record / classifier)")
+    split: Literal["train", "probe", "test"] | None = Field(None, description="fixed split for every record")
+    # manifest: jsonl or csv (from the file suffix unless given); columns maps our field -> the file's column
+    format: Literal["jsonl", "csv"] | None = None
+    columns: dict[str, str] = Field(default_factory=dict)
+    label_columns: list[str] = Field(default_factory=list, description="csv columns copied into labels")
+    # dicom / nifti / folder
+    pattern: str | None = Field(None, description="glob under path (default per kind)")
+    caption_template: str | None = Field(None, description="caption from DICOM tags / NIfTI fields when no sidecar")
+    frames: Literal["middle", "first", "all"] | list[int] = "middle"
+    max_frames: int = Field(8, ge=1, description="frames: all keeps at most this many, evenly spaced")
+    axis: int = Field(2, ge=0, le=2, description="nifti: slicing axis in canonical (RAS) orientation; 2 = axial")
+    slices: Literal["middle"] | int | list[int] = Field("middle", description="nifti: middle, N evenly spaced, or indices")
+    window_percentiles: tuple[float, float] = (0.5, 99.5)
+
+    @field_validator("columns")
+    @classmethod
+    def _known_columns(cls, v: dict[str, str]) -> dict[str, str]:
+        bad = sorted(set(v) - {"id", "image", "caption", "modality", "split", "group", "labels", "licence"})
+        if bad:
+            raise ValueError(f"unknown column roles {bad}; roles: id, image, caption, modality, split, group, labels, licence")
+        return v
+
+
 class CurateCfg(Strict):
-    image_size: int = Field(64, ge=16, le=1024)
-    allowed_formats: list[str] = Field(default_factory=lambda: ["PNG", "JPEG"])
+    sources: list[SourceCfg] = Field(default_factory=lambda: [SourceCfg(name="embedded", kind="synthetic")])
+    allowed_formats: list[str] = Field(default_factory=lambda: ["PNG", "JPEG", "TIFF", "BMP", "WEBP"])
+    # size limits, checked from the header before any pixel is decoded
+    min_side: int = Field(16, ge=1)
+    max_input_side: int = Field(65_536, ge=1)
+    max_pixels: int = Field(100_000_000, ge=1, description="larger images are refused as decompression bombs")
+    max_side: int = Field(1024, ge=16, description="stored images are downscaled to at most this side")
+    highbit_percentiles: tuple[float, float] = Field((0.0, 100.0), description="window for >8-bit images")
+    # the decoded fast path: square uint8 arrays per shard that training memory-maps (null: decode shards)
+    decoded_size: int | None = Field(64, ge=8, le=1024)
+    shard_max_bytes: int = Field(64 * 2**20, ge=2**16)
+    shard_max_records: int = Field(10_000, ge=1)
+    near_dup_bits: int = Field(4, ge=-1, le=16, description="pHash Hamming distance for candidates; -1 disables")
+    near_dup_max_diff: float = Field(2.5, ge=0, description="confirmed when the 32x32 thumbnails differ by at most "
+                                                             "this mean absolute grey level")
+    split_fractions: dict[str, float] = Field(default_factory=lambda: {"train": 0.8, "probe": 0.1, "test": 0.1})
+    scrub_captions: bool = True
+    min_caption_chars: int = Field(1, ge=1)
+    workers: int = Field(2, ge=0, description="decoding processes; 0 decodes in the calling process")
+    incremental: bool = True
+
+    @field_validator("sources")
+    @classmethod
+    def _unique_sources(cls, v: list[SourceCfg]) -> list[SourceCfg]:
+        names = [s.name for s in v]
+        dup = sorted({n for n in names if names.count(n) > 1})
+        if dup:
+            raise ValueError(f"duplicate source names {dup}")
+        if not v:
+            raise ValueError("at least one source is required")
+        return v
+
+    @field_validator("split_fractions")
+    @classmethod
+    def _fractions(cls, v: dict[str, float]) -> dict[str, float]:
+        if set(v) - {"train", "probe", "test"} or abs(sum(v.values()) - 1.0) > 1e-6 or min(v.values()) < 0:
+            raise ValueError("split_fractions: keys from train/probe/test, non-negative, summing to 1")
+        return v
 
 
 class ValidateCfg(Strict):
     min_caption_chars: int = 8
+    max_caption_chars: int = 2000
     min_split_rows: dict[str, int] = Field(default_factory=lambda: {"train": 20, "probe": 4, "test": 8})
+    min_rows_per_modality: int = Field(1, ge=0, description="each expected modality needs this many train rows")
+    expected_modalities: list[str] | None = Field(None, description="default: synth.modalities")
+    max_unknown_fraction: float = Field(0.05, ge=0, le=1, description="share of records of modality `unknown`")
     fail_on_error: bool = True
 
 

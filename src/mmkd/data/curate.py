@@ -1,121 +1,213 @@
-"""Owns curation: open every image, normalise to RGB at one size, de-duplicate, quarantine bad records."""
+"""Owns the curation run: stream every source through the decoding workers, clean, split, and fill the store.
+
+Incremental: a record whose fingerprint (fields + raw bytes) was curated before with the same store
+configuration is not decoded again; its manifest line and shard are reused as they are. New records go
+to new shards. A run whose sources lost records rebuilds from scratch (a kept record may depend on one
+that is gone, through de-duplication).
+"""
 
 from __future__ import annotations
 
 import hashlib
 import json
+import logging
+import os
+import shutil
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
+
+from mmkd.config import CurateCfg
+from mmkd.data.index import CurationIndex
+from mmkd.data.manifest import read_manifest
+from mmkd.data.sources import RawRecord, iter_source
+from mmkd.data.splits import SPLITS, assign_split, group_token
+from mmkd.data.store import CurationError, ShardWriter, remove_unlisted, shard_numbers
+from mmkd.data.workers import ordered_map
 from mmkd.progress import progress
 
-from mmkd.config import MODALITIES, CurateCfg
-from mmkd.data.manifest import iter_manifest, read_manifest, write_jsonl
+log = logging.getLogger("mmkd")
+STORE_KEYS = ("allowed_formats", "min_side", "max_input_side", "max_pixels", "max_side", "highbit_percentiles",
+              "decoded_size", "shard_max_bytes", "shard_max_records", "near_dup_bits", "near_dup_max_diff",
+              "split_fractions", "scrub_captions", "min_caption_chars")
 
-SPLITS = ("train", "probe", "test")
-
-
-class CurationError(RuntimeError):
-    """Curation produced nothing usable."""
+__all__ = ["CurationError", "curate", "SPLITS"]
 
 
-def _load_image(path: Path, allowed: list[str]) -> Image.Image:
-    with Image.open(path) as im:
-        if im.format not in allowed:
-            raise ValueError(f"format {im.format} not in allowed formats {allowed}")
-        im.load()  # force a full decode so truncated files fail here, not in training
-        return im.convert("RGB")
+def config_fingerprint(cfg: CurateCfg) -> str:
+    """What the stored bytes depend on; a change means every record must be curated again."""
+    keys = {k: getattr(cfg, k) for k in STORE_KEYS}
+    return hashlib.blake2b(json.dumps(keys, sort_keys=True, default=str).encode(), digest_size=8).hexdigest()
 
 
-def _record_problem(rec: dict) -> str | None:
-    if not rec["caption"].strip():
-        return "empty caption"
-    if rec["modality"] not in MODALITIES:
-        return f"unknown modality '{rec['modality']}'"
-    if rec["split"] not in SPLITS:
-        return f"unknown split '{rec['split']}' (expected one of {list(SPLITS)})"
-    return None
+def all_records(cfg: CurateCfg, data_root: Path):
+    for spec in cfg.sources:
+        yield from iter_source(spec, data_root)
 
 
-def curate(raw_manifest: Path, out_dir: Path, cfg: CurateCfg) -> dict:
-    """Write curated/{manifest.jsonl, images_<split>.npy, quarantine.jsonl, summary.json}."""
-    raw_manifest, out_dir = Path(raw_manifest), Path(out_dir)
-    root = raw_manifest.parent
+class Previous:
+    """What the last run left: manifest lines and quarantine entries by fingerprint, plus their thumbnails."""
+
+    def __init__(self, out_dir: Path, cfg: CurateCfg):
+        self.kept: dict[str, str] = {}
+        self.quarantined: dict[str, str] = {}
+        self.dir = out_dir
+        summary = out_dir / "summary.json"
+        if not (cfg.incremental and summary.exists() and (out_dir / "manifest.jsonl").exists()):
+            return
+        if json.loads(summary.read_text()).get("config") != config_fingerprint(cfg):
+            log.info("curate: store configuration changed; curating everything again")
+            return
+        with open(out_dir / "manifest.jsonl", encoding="utf-8") as fh:
+            for line in fh:
+                self.kept[json.loads(line)["fingerprint"]] = line
+        with open(out_dir / "quarantine.jsonl", encoding="utf-8") as fh:
+            for line in fh:
+                fp = json.loads(line).get("fingerprint")
+                if fp:
+                    self.quarantined[fp] = line
+        self._thumbs: dict[str, np.ndarray] = {}
+
+    @property
+    def known(self) -> frozenset[str]:
+        return frozenset(self.kept) | frozenset(self.quarantined)
+
+    def thumb(self, rec: dict) -> np.ndarray:
+        if rec["shard"] not in self._thumbs:
+            self._thumbs[rec["shard"]] = np.load(self.dir / "thumbs" / f"{rec['shard']}.npy", mmap_mode="r")
+        return self._thumbs[rec["shard"]][rec["row"]]
+
+
+def curate(data_root: Path, out_dir: Path, cfg: CurateCfg) -> dict:
+    """Curate every source of cfg into out_dir (see mmkd.data.store for the layout); returns the summary."""
+    out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    size = cfg.image_size
-    kept: dict[str, list[dict]] = {s: [] for s in SPLITS}
-    pixels: dict[str, list[np.ndarray]] = {s: [] for s in SPLITS}
-    quarantine: list[dict] = []
-    seen_ids: dict[str, int] = {}
-    seen_hash: dict[str, str] = {}
-
-    def reject(line: int, reason: str, rec: dict | None = None, raw: str | None = None, rid: str | None = None) -> None:
-        quarantine.append({"line": line, "id": (rec or {}).get("id", rid), "reason": reason,
-                           "record": rec if rec is not None else raw})
-
-    lines = list(iter_manifest(raw_manifest))
-    for no, rec, bad in progress(lines, desc="curate", unit="rec"):
-        if bad is not None:
-            reject(no, bad.reason, raw=bad.raw, rid=bad.record_id)
-            continue
-        problem = _record_problem(rec)
-        if problem:
-            reject(no, problem, rec)
-            continue
-        if rec["id"] in seen_ids:
-            reject(no, f"duplicate id (first seen on line {seen_ids[rec['id']]})", rec)
-            continue
-        path = (root / rec["image"]).resolve()
-        if not path.is_file():
-            reject(no, f"image file not found: {rec['image']}", rec)
-            continue
-        try:
-            img = _load_image(path, cfg.allowed_formats)
-        except (UnidentifiedImageError, OSError, ValueError) as exc:
-            reject(no, f"unreadable image {rec['image']}: {exc}", rec)
-            continue
-        arr = np.asarray(img)
-        digest = hashlib.sha256(arr.tobytes() + str(arr.shape).encode()).hexdigest()
-        if digest in seen_hash:
-            reject(no, f"duplicate image content of '{seen_hash[digest]}'", rec)
-            continue
-        seen_ids[rec["id"]] = no
-        seen_hash[digest] = rec["id"]
-        small = np.asarray(img.resize((size, size), Image.BICUBIC), dtype=np.uint8)
-        split = rec["split"]
-        kept[split].append({
-            "id": rec["id"], "caption": " ".join(rec["caption"].split()), "modality": rec["modality"],
-            "labels": rec.get("labels", {}), "split": split, "index": len(pixels[split]),
-            "sha256": digest, "image": rec["image"], "orig_width": img.width, "orig_height": img.height,
-            "width": size, "height": size,
-        })
-        pixels[split].append(small)
-
-    n_kept = sum(len(v) for v in kept.values())
-    if n_kept == 0:
-        raise CurationError(f"{raw_manifest}: no usable records ({len(quarantine)} quarantined)")
-    for split in SPLITS:
-        arr = np.stack(pixels[split]) if pixels[split] else np.zeros((0, size, size, 3), np.uint8)
-        np.save(out_dir / f"images_{split}.npy", arr)
-    write_jsonl(out_dir / "manifest.jsonl", [r for s in SPLITS for r in kept[s]])
-    write_jsonl(out_dir / "quarantine.jsonl", quarantine)
-    reasons: dict[str, int] = {}
-    for q in quarantine:
-        key = q["reason"].split(":")[0]
-        reasons[key] = reasons.get(key, 0) + 1
-    summary = {"input_lines": len(lines), "kept": n_kept, "quarantined": len(quarantine),
-               "kept_per_split": {s: len(kept[s]) for s in SPLITS}, "quarantine_reasons": reasons,
-               "image_size": size}
-    (out_dir / "summary.json").write_text(json.dumps(summary, indent=1))
+    prev = Previous(out_dir, cfg)
+    summary = _run(Path(data_root), out_dir, cfg, prev)
+    if summary is None:  # sources lost records since the last run
+        log.info("curate: records were removed from the sources; curating everything again")
+        summary = _run(Path(data_root), out_dir, cfg, Previous(out_dir, cfg.model_copy(update={"incremental": False})))
     return summary
 
 
-def load_curated(curated_dir: Path, split: str) -> tuple[list[dict], np.ndarray]:
-    """Records of one split (in shard order) and its uint8 image shard, memory-mapped."""
-    curated_dir = Path(curated_dir)
-    records = [r for r in read_manifest(curated_dir / "manifest.jsonl") if r["split"] == split]
-    images = np.load(curated_dir / f"images_{split}.npy", mmap_mode="r")
-    if len(records) != len(images):
-        raise CurationError(f"{curated_dir}: {split} manifest has {len(records)} rows, shard {len(images)}")
-    return records, images
+def _run(data_root: Path, out_dir: Path, cfg: CurateCfg, prev: Previous) -> dict | None:
+    if not prev.kept and not prev.quarantined:
+        for sub in ("shards", "decoded", "thumbs"):
+            shutil.rmtree(out_dir / sub, ignore_errors=True)
+    else:
+        remove_unlisted(out_dir, {json.loads(line)["shard"] for line in prev.kept.values()})
+    index = CurationIndex(cfg.near_dup_bits, cfg.near_dup_max_diff)
+    writers = {s: ShardWriter(out_dir, s, (shard_numbers(out_dir, s) or [-1])[-1] + 1, cfg.shard_max_bytes,
+                              cfg.shard_max_records, cfg.decoded_size) for s in SPLITS}
+    stats = Counter()
+    per = {k: Counter() for k in ("split", "modality", "source", "modality_from", "split_from", "scrubbed", "reasons")}
+    tmp_manifest, tmp_quarantine = out_dir / "manifest.jsonl.tmp", out_dir / "quarantine.jsonl.tmp"
+    man, qua = open(tmp_manifest, "w", encoding="utf-8"), open(tmp_quarantine, "w", encoding="utf-8")
+
+    def quarantine(rec: RawRecord, reason: str, category: str, fp: str | None) -> None:
+        qua.write(json.dumps({"source": rec.source, "kind": rec.kind, "line": rec.line, "id": rec.id, "key": rec.key,
+                              "origin": rec.origin, "reason": reason, "category": category, "record": rec.raw,
+                              "fingerprint": fp}, sort_keys=True, default=str) + "\n")
+        stats["quarantined"] += 1
+        per["reasons"][category] += 1
+
+    def count(entry: dict) -> None:
+        stats["kept"] += 1
+        for k in ("split", "modality", "source", "modality_from", "split_from"):
+            per[k][entry[k]] += 1
+        for k, v in entry.get("scrubbed", {}).items():
+            per["scrubbed"][k] += v
+
+    try:
+        stream = ordered_map(all_records(cfg, data_root), cfg, prev.known, cfg.workers)
+        for rec, res in progress(stream, desc="curate", unit="rec"):
+            stats["records"] += 1
+            fp = res["fingerprint"]
+            if res.get("reused"):
+                stats["reused"] += 1
+                if fp in prev.kept:
+                    line = prev.kept.pop(fp)
+                    entry = json.loads(line)
+                    index.add(entry["id"], entry["origin"], entry["key"], int(entry["phash"], 16), prev.thumb(entry),
+                              entry["group"], entry["split"])
+                    man.write(line)
+                    count(entry)
+                else:
+                    line = prev.quarantined.pop(fp)
+                    qua.write(line)
+                    stats["quarantined"] += 1
+                    per["reasons"][json.loads(line)["category"]] += 1
+                continue
+            if "error" in res:
+                reason = res["error"]
+                quarantine(rec, reason, reason.split(":")[0].split(" (")[0], fp)
+                continue
+            stats["decoded"] += 1
+            rid = rec.id or f"{rec.source}/{rec.key}"
+            at = f"{rec.source}:{rec.origin}"
+            first = index.id_seen(rid)
+            if first is not None:
+                quarantine(rec, f"duplicate id '{rid}' (first at {first})", "duplicate id", fp)
+                continue
+            same = index.content_seen(res["hash"])
+            if same is not None:
+                quarantine(rec, f"exact duplicate of '{same}' (same decoded pixels)", "exact duplicate", fp)
+                continue
+            near = index.near_duplicate(res["phash"], res["thumb"])
+            if near is not None:
+                quarantine(rec, f"near duplicate of '{near[0]}' (thumbnail difference {near[1]:.2f} <= "
+                                f"{cfg.near_dup_max_diff})", "near duplicate", fp)
+                continue
+            token = group_token(rec.source, rec.group, rec.key)
+            split, split_from = assign_split(rec.split, index.group_split(token), token, cfg.split_fractions)
+            meta = {"id": rid, "caption": res["caption"], "modality": res["modality"], "split": split,
+                    "labels": rec.labels, "source": rec.source, "licence": rec.licence, "origin": rec.origin}
+            loc = writers[split].add(res["hash"], res["members"], res["image_at"], res["size"], res["ext"], meta,
+                                     res["view"], res["thumb"])
+            entry = {**meta, "key": res["hash"], "kind": rec.kind, "line": rec.line, "group": token,
+                     "modality_from": res["modality_from"], "split_from": split_from, "fingerprint": fp,
+                     "phash": f"{res['phash']:016x}", "width": res["width"], "height": res["height"],
+                     "orig_width": res["orig_width"], "orig_height": res["orig_height"], **loc}
+            if res["scrubbed"]:
+                entry["scrubbed"] = res["scrubbed"]
+            index.add(rid, at, res["hash"], res["phash"], res["thumb"], token, split)
+            man.write(json.dumps(entry, sort_keys=True, default=str) + "\n")
+            count(entry)
+        for w in writers.values():
+            w.close()
+    finally:
+        man.close()
+        qua.close()
+        index.close()
+    if prev.kept:  # records of the last run that no source yields any more: the caller rebuilds
+        tmp_manifest.unlink()
+        tmp_quarantine.unlink()
+        return None
+    if stats["kept"] == 0:
+        raise CurationError(f"no usable records in {len(cfg.sources)} source(s) ({stats['quarantined']} quarantined; "
+                            f"see {tmp_quarantine})")
+    os.replace(tmp_manifest, out_dir / "manifest.jsonl")
+    os.replace(tmp_quarantine, out_dir / "quarantine.jsonl")
+    per_shard = Counter(r["shard"] for r in read_manifest(out_dir / "manifest.jsonl"))
+    listed = set(per_shard)
+    remove_unlisted(out_dir, listed)
+    # open_clip_train's convention: shard sizes beside the shards, so --train-data needs no sample count
+    (out_dir / "shards" / "sizes.json").write_text(json.dumps({f"{s}.tar": n for s, n in sorted(per_shard.items())},
+                                                              indent=1))
+    summary = {
+        "config": config_fingerprint(cfg), "decoded_size": cfg.decoded_size,
+        "input_records": stats["records"], "kept": stats["kept"], "quarantined": stats["quarantined"],
+        "decoded": stats["decoded"], "reused": stats["reused"],
+        "kept_per_split": {s: per["split"][s] for s in SPLITS},
+        "kept_per_modality": dict(sorted(per["modality"].items())),
+        "kept_per_source": dict(sorted(per["source"].items())),
+        "modality_from": dict(sorted(per["modality_from"].items())),
+        "split_from": dict(sorted(per["split_from"].items())),
+        "unknown_modality": per["modality"]["unknown"],
+        "scrubbed_identifiers": dict(sorted(per["scrubbed"].items())),
+        "quarantine_reasons": dict(sorted(per["reasons"].items())),
+        "shards": len(listed),
+    }
+    (out_dir / "summary.json").write_text(json.dumps(summary, indent=1, sort_keys=True))
+    return summary

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 
-from mmkd.data.curate import load_curated
+from mmkd.data.store import load_curated
 from mmkd.evaluation.metrics import class_embeddings, linear_probe, retrieval, zero_shot
 from mmkd.models.encoder import ClipEncoder
 

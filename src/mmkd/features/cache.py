@@ -10,7 +10,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from mmkd.config import TeacherSpec
-from mmkd.data.curate import SPLITS, load_curated
+from mmkd.data.store import load_curated
+from mmkd.data.splits import SPLITS
 from mmkd.features.projector import save_projector, train_projector
 from mmkd.models.encoder import ClipEncoder
 

@@ -11,7 +11,7 @@ import open_clip
 import torch
 
 from mmkd.config import DistillCfg
-from mmkd.data.curate import load_curated
+from mmkd.data.store import load_curated
 from mmkd.features.cache import availability, load_split, read_index
 from mmkd.models.factory import load_checkpoint, model_config, save_checkpoint
 from mmkd.training.loop import MAX_LOGIT_SCALE, tokenize_all, train

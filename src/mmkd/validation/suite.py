@@ -1,17 +1,20 @@
-"""Owns data validation: a Great Expectations 1.x suite over the curated manifest, with Data Docs."""
+"""Owns data validation: Great Expectations 1.x suites over the curated manifest and shards, with Data Docs."""
 
 from __future__ import annotations
 
 import json
 import os
 import shutil
+import tarfile
 import tempfile
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 
-from mmkd.config import MODALITIES, ValidateCfg
-from mmkd.data.curate import SPLITS
+from mmkd.config import MODALITIES, CurateCfg, ValidateCfg
+from mmkd.data.clean import UNKNOWN
+from mmkd.data.splits import SPLITS
 from mmkd.data.manifest import read_manifest
 
 
@@ -34,28 +37,70 @@ def split_frame(df: pd.DataFrame, cfg: ValidateCfg) -> pd.DataFrame:
                          for s in SPLITS])
 
 
-def _expectations(gx, image_size: int, cfg: ValidateCfg):
+def modality_frame(df: pd.DataFrame, cfg: ValidateCfg, expected: list[str]) -> pd.DataFrame:
+    """Train rows per expected modality, and the share of `unknown` records (one row each)."""
+    train = df[df["split"] == "train"]["modality"].value_counts()
+    unknown = float((df["modality"] == UNKNOWN).mean())
+    rows = [{"modality": m, "train_rows": int(train.get(m, 0)), "min_rows": cfg.min_rows_per_modality,
+             "share": 0.0} for m in expected]
+    rows.append({"modality": UNKNOWN, "train_rows": int(train.get(UNKNOWN, 0)), "min_rows": 0, "share": unknown})
+    return pd.DataFrame(rows)
+
+
+def shard_frame(curated_dir: Path, df: pd.DataFrame) -> pd.DataFrame:
+    """Per shard file: its size, the samples its tar holds, the manifest rows and decoded rows pointing at it."""
+    curated_dir = Path(curated_dir)
+    per_shard = df["shard"].value_counts()
+    rows = []
+    for path in sorted((curated_dir / "shards").glob("*.tar")):
+        with tarfile.open(path) as tar:
+            samples = len({m.name.split(".", 1)[0] for m in tar})
+        view = curated_dir / "decoded" / f"{path.stem}.npy"
+        rows.append({"shard": path.stem, "bytes": path.stat().st_size, "tar_samples": samples,
+                     "manifest_rows": int(per_shard.get(path.stem, 0)),
+                     "decoded_rows": len(np.load(view, mmap_mode="r")) if view.exists() else -1})
+    listed = set(per_shard.index) - {r["shard"] for r in rows}
+    rows += [{"shard": s, "bytes": 0, "tar_samples": 0, "manifest_rows": int(per_shard[s]), "decoded_rows": -1}
+             for s in sorted(listed)]  # a manifest pointing at a missing shard fails the equality below
+    return pd.DataFrame(rows)
+
+
+def _expectations(gx, curate: CurateCfg, cfg: ValidateCfg, df: pd.DataFrame):
     E = gx.expectations
     manifest = [
         E.ExpectColumnValuesToNotBeNull(column="id"),
         E.ExpectColumnValuesToBeUnique(column="id"),
-        E.ExpectColumnValuesToBeUnique(column="sha256"),
-        E.ExpectColumnValueLengthsToBeBetween(column="caption", min_value=cfg.min_caption_chars),
-        E.ExpectColumnValuesToBeInSet(column="modality", value_set=list(MODALITIES)),
+        E.ExpectColumnValuesToBeUnique(column="key"),
+        E.ExpectColumnValueLengthsToBeBetween(column="caption", min_value=cfg.min_caption_chars,
+                                              max_value=cfg.max_caption_chars),
+        E.ExpectColumnValuesToBeInSet(column="modality", value_set=[*MODALITIES, UNKNOWN]),
         E.ExpectColumnValuesToBeInSet(column="split", value_set=list(SPLITS)),
-        E.ExpectColumnValuesToBeBetween(column="width", min_value=image_size, max_value=image_size),
-        E.ExpectColumnValuesToBeBetween(column="height", min_value=image_size, max_value=image_size),
+        E.ExpectColumnValuesToBeBetween(column="width", min_value=curate.min_side, max_value=curate.max_side),
+        E.ExpectColumnValuesToBeBetween(column="height", min_value=curate.min_side, max_value=curate.max_side),
+        E.ExpectColumnValuesToNotBeNull(column="source"),
     ]
     splits = [E.ExpectColumnPairValuesAToBeGreaterThanB(column_A="rows", column_B="min_rows", or_equal=True)]
-    return manifest, splits
+    modalities = [E.ExpectColumnPairValuesAToBeGreaterThanB(column_A="train_rows", column_B="min_rows", or_equal=True),
+                  E.ExpectColumnValuesToBeBetween(column="share", min_value=0.0, max_value=cfg.max_unknown_fraction)]
+    # a shard closes once it reaches the bound, so it may pass it by one record at most
+    bound = curate.shard_max_bytes + int(df["size"].max()) + 8192
+    shards = [E.ExpectColumnValuesToBeBetween(column="bytes", min_value=1, max_value=bound),
+              E.ExpectColumnPairValuesToBeEqual(column_A="tar_samples", column_B="manifest_rows")]
+    if curate.decoded_size:
+        shards.append(E.ExpectColumnPairValuesToBeEqual(column_A="decoded_rows", column_B="manifest_rows"))
+    return manifest, splits, modalities, shards
 
 
-def validate(curated_dir: Path, image_size: int, cfg: ValidateCfg, docs_dir: Path, report_path: Path) -> dict:
+def validate(curated_dir: Path, curate: CurateCfg, cfg: ValidateCfg, docs_dir: Path, report_path: Path,
+             expected_modalities: list[str]) -> dict:
     """Run the suite, build Data Docs under docs_dir, write a JSON summary; raise on failure if configured."""
     import great_expectations as gx  # slow import (~7 s): only here
 
     df = manifest_frame(curated_dir)
     splits = split_frame(df, cfg)
+    frames = {"curated_manifest": df, "split_sizes": splits,
+              "modality_coverage": modality_frame(df, cfg, cfg.expected_modalities or expected_modalities),
+              "shards": shard_frame(curated_dir, df)}
     docs_dir = Path(docs_dir).resolve()
     project = Path(tempfile.mkdtemp(prefix="mmkd-gx-"))
     try:
@@ -66,7 +111,7 @@ def validate(curated_dir: Path, image_size: int, cfg: ValidateCfg, docs_dir: Pat
         })
         source = context.data_sources.add_pandas("mmkd")
         results = []
-        for name, frame, exps in zip(("curated_manifest", "split_sizes"), (df, splits), _expectations(gx, image_size, cfg)):
+        for (name, frame), exps in zip(frames.items(), _expectations(gx, curate, cfg, df)):
             asset = source.add_dataframe_asset(name=name)
             batch_def = asset.add_batch_definition_whole_dataframe(f"{name}_all")
             suite = context.suites.add(gx.ExpectationSuite(name=f"{name}_suite"))
@@ -86,8 +131,9 @@ def validate(curated_dir: Path, image_size: int, cfg: ValidateCfg, docs_dir: Pat
         cfg_ = r.expectation_config
         if not r.success:
             res = r.result or {}
+            op = "==" if cfg_.type.endswith("to_be_equal") else ">="
             failures.append({"expectation": cfg_.type, "column": cfg_.kwargs.get("column") or
-                             f"{cfg_.kwargs.get('column_A')}>={cfg_.kwargs.get('column_B')}",
+                             f"{cfg_.kwargs.get('column_A')}{op}{cfg_.kwargs.get('column_B')}",
                              "unexpected_count": res.get("unexpected_count"),
                              "examples": [str(v) for v in (res.get("partial_unexpected_list") or [])[:5]]})
     summary = {"success": not failures, "evaluated": len(results), "failed": len(failures), "failures": failures,

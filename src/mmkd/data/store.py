@@ -1,0 +1,245 @@
+"""Owns the curated store: WebDataset tar shards + manifest, per-shard decoded views; the only code writing them.
+
+Layout of artifacts/curated/:
+  shards/<split>-NNNNN.tar    `<key>.png|jpg`, `<key>.txt`, `<key>.json` (open_clip_train reads these directly)
+  decoded/<split>-NNNNN.npy   uint8 [n, S, S, 3] at curate.decoded_size: the fast path training memory-maps
+  thumbs/<split>-NNNNN.npy    uint8 [n, 32, 32] grayscale thumbnails: near-duplicate state for incremental runs
+  manifest.jsonl              one line per kept record: provenance, shard, row, byte offset, hashes
+  quarantine.jsonl            one line per refused record: source, line, reason, the raw record
+  summary.json                counts, and the configuration fingerprint that decides reuse
+Keys are content hashes of the decoded pixels. Shards are never rewritten: new records go to new shards.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import struct
+import tarfile
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from mmkd.data.imaging import square_view
+from mmkd.data.manifest import read_manifest
+from mmkd.data.splits import SPLITS
+
+
+class CurationError(RuntimeError):
+    """Curation produced nothing usable, or the curated store is inconsistent."""
+
+
+class NpyAppender:
+    """Rows appended to a .npy file whose header is rewritten with the final count at close (no RAM growth)."""
+
+    HEADER = 128
+
+    def __init__(self, path: Path, row_shape: tuple[int, ...]):
+        self.path, self.row_shape, self.n = Path(path), tuple(row_shape), 0
+        self.fh = open(self.path, "wb")
+        self._header()
+
+    def _header(self) -> None:
+        d = repr({"descr": "|u1", "fortran_order": False, "shape": (self.n, *self.row_shape)})
+        body = d.encode("latin1")
+        pad = self.HEADER - 10 - len(body) - 1
+        self.fh.write(b"\x93NUMPY\x01\x00" + struct.pack("<H", self.HEADER - 10) + body + b" " * pad + b"\n")
+
+    def append(self, row: np.ndarray) -> None:
+        self.fh.write(np.ascontiguousarray(row, np.uint8).tobytes())
+        self.n += 1
+
+    def close(self) -> None:
+        self.fh.seek(0)
+        self._header()
+        self.fh.close()
+
+
+def tar_member(name: str, data: bytes) -> bytes:
+    """One tar member (ustar header + data + padding) as bytes: built in the decoding workers, so the curating
+    process only appends bytes to the shard."""
+    info = tarfile.TarInfo(name)
+    info.size, info.mtime, info.mode = len(data), 0, 0o644
+    return info.tobuf(tarfile.USTAR_FORMAT, "utf-8", "surrogateescape") + data + b"\0" * (-len(data) % 512)
+
+
+def sample_members(key: str, payload: bytes, ext: str, caption: str) -> tuple[bytes, int]:
+    """The image and caption members of one sample, and where the image data starts within them."""
+    image = tar_member(f"{key}.{ext}", payload)
+    return image + tar_member(f"{key}.txt", caption.encode("utf-8")), len(image) - len(payload) - (-len(payload) % 512)
+
+
+class ShardWriter:
+    """Writes one split's shards, rolling over at a byte or record bound; names are <split>-NNNNN."""
+
+    def __init__(self, root: Path, split: str, start: int, max_bytes: int, max_records: int, decoded_size: int | None):
+        self.root, self.split, self.index = Path(root), split, start
+        self.max_bytes, self.max_records, self.decoded_size = max_bytes, max_records, decoded_size
+        self.tar = None
+        self.written: list[str] = []
+
+    @property
+    def name(self) -> str:
+        return f"{self.split}-{self.index:05d}"
+
+    def _open(self) -> None:
+        for sub in ("shards", "decoded", "thumbs"):
+            (self.root / sub).mkdir(parents=True, exist_ok=True)
+        self.tmp = self.root / "shards" / f"{self.name}.tar.tmp"
+        self.tar = open(self.tmp, "wb")
+        self.offset = self.rows = 0
+        self.views = NpyAppender(self.root / "decoded" / f"{self.name}.npy.tmp",
+                                 (self.decoded_size, self.decoded_size, 3)) if self.decoded_size else None
+        self.thumbs = NpyAppender(self.root / "thumbs" / f"{self.name}.npy.tmp", (32, 32))
+
+    def add(self, key: str, members: bytes, image_at: int, size: int, ext: str, meta: dict, view, thumb) -> dict:
+        """Append one sample: its prebuilt image+caption members (sample_members), then its metadata member."""
+        if self.tar is None:
+            self._open()
+        blob = members + tar_member(f"{key}.json", json.dumps(meta, sort_keys=True).encode("utf-8"))
+        self.tar.write(blob)
+        loc = {"shard": self.name, "row": self.rows, "offset": self.offset + image_at, "size": size, "ext": ext}
+        self.offset += len(blob)
+        if self.views is not None:
+            self.views.append(view)
+        self.thumbs.append(thumb)
+        self.rows += 1
+        if self.rows >= self.max_records or self.offset >= self.max_bytes:
+            self.close()
+        return loc
+
+    def close(self) -> None:
+        if self.tar is None:
+            return
+        end = self.offset + 2 * 512  # two zero blocks end the archive; tar pads to 10 KiB records, as tarfile does
+        self.tar.write(b"\0" * (end - self.offset + (-end % tarfile.RECORDSIZE)))
+        self.tar.close()
+        for appender in (self.views, self.thumbs):
+            if appender is not None:
+                appender.close()
+                os.replace(appender.path, appender.path.with_suffix(""))  # drop .tmp: visible only when whole
+        os.replace(self.tmp, self.tmp.with_suffix(""))
+        self.written.append(self.name)
+        self.tar, self.index = None, self.index + 1
+
+
+def shard_numbers(curated_dir: Path, split: str) -> list[int]:
+    return sorted(int(p.stem.rsplit("-", 1)[1]) for p in (Path(curated_dir) / "shards").glob(f"{split}-*.tar"))
+
+
+def remove_unlisted(curated_dir: Path, listed: set[str]) -> list[str]:
+    """Delete shard files (and their views) that no manifest line points at: leftovers of an interrupted run."""
+    gone = []
+    for sub, pattern in (("shards", "*.tar*"), ("decoded", "*.npy*"), ("thumbs", "*.npy*")):  # sizes.json stays
+        for p in (Path(curated_dir) / sub).glob(pattern):
+            if p.name.split(".")[0] not in listed or p.name.endswith(".tmp"):
+                p.unlink()
+                gone.append(p.name)
+    return gone
+
+
+# ------------------------------------------------------------------ reading
+
+
+class SplitImages:
+    """One split's images as a lazily concatenated array over per-shard decoded views (memory-mapped).
+
+    Supports len, .shape, and indexing by int, slice or index array, returning uint8 [n, S, S, 3] numpy.
+    """
+
+    def __init__(self, parts: list[np.ndarray]):
+        self.parts = parts
+        self.starts = np.cumsum([0] + [len(p) for p in parts])
+        row = parts[0].shape[1:] if parts else (0, 0, 3)
+        self.shape = (int(self.starts[-1]), *row)
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def _rows(self, rows: np.ndarray) -> np.ndarray:
+        out = np.empty((len(rows), *self.shape[1:]), np.uint8)
+        part = np.searchsorted(self.starts, rows, side="right") - 1
+        for p in np.unique(part):
+            sel = part == p
+            out[sel] = self.fetch(int(p), rows[sel] - self.starts[p])
+        return out
+
+    def fetch(self, part: int, rows: np.ndarray) -> np.ndarray:
+        return self.parts[part][rows]
+
+    def __getitem__(self, idx):
+        if isinstance(idx, (int, np.integer)):
+            return self._rows(np.array([idx if idx >= 0 else len(self) + idx]))[0]
+        if isinstance(idx, slice):
+            return self._rows(np.arange(len(self))[idx])
+        return self._rows(np.asarray(idx, dtype=np.int64))
+
+    def subset(self, rows) -> "Subset":
+        return Subset(self, np.asarray(rows, dtype=np.int64))
+
+
+class Subset:
+    """A row selection of SplitImages that is still lazy (a teacher's modalities, say)."""
+
+    def __init__(self, base: SplitImages, rows: np.ndarray):
+        self.base, self.rows = base, rows
+        self.shape = (len(rows), *base.shape[1:])
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, idx):
+        return self.base[self.rows[idx]]
+
+
+class ShardImages(SplitImages):
+    """The same interface decoding straight from the tar shards at `size` (no decoded view needed)."""
+
+    def __init__(self, curated_dir: Path, records: list[dict], size: int):
+        self.dir, self.size = Path(curated_dir), size
+        self.records = records
+        self.starts = np.array([0, len(records)])
+        self.shape = (len(records), size, size, 3)
+
+    def fetch(self, part: int, rows: np.ndarray) -> np.ndarray:
+        out = np.empty((len(rows), self.size, self.size, 3), np.uint8)
+        for i, r in enumerate(rows):
+            rec = self.records[int(r)]
+            with open(self.dir / "shards" / f"{rec['shard']}.tar", "rb") as fh:
+                fh.seek(rec["offset"])
+                data = fh.read(rec["size"])
+            with Image.open(io.BytesIO(data)) as im:
+                out[i] = square_view(np.asarray(im.convert("RGB")), self.size)
+        return out
+
+
+def split_records(curated_dir: Path, split: str) -> list[dict]:
+    """Records of one split in shard order."""
+    records = [r for r in read_manifest(Path(curated_dir) / "manifest.jsonl") if r["split"] == split]
+    return sorted(records, key=lambda r: (r["shard"], r["row"]))
+
+
+def load_curated(curated_dir: Path, split: str, size: int | None = None):
+    """(records, images) of one split. Images come from the decoded views (memory-mapped) when they exist at
+    `size` (or size is None), else are decoded from the shards at `size`."""
+    curated_dir = Path(curated_dir)
+    if split not in SPLITS:
+        raise KeyError(f"unknown split '{split}'; splits: {list(SPLITS)}")
+    records = split_records(curated_dir, split)
+    summary = json.loads((curated_dir / "summary.json").read_text())
+    decoded = summary.get("decoded_size")
+    if size is not None and size != decoded:
+        return records, ShardImages(curated_dir, records, size)
+    if decoded is None:
+        raise CurationError(f"{curated_dir}: no decoded views (curate.decoded_size is null); pass a size")
+    parts, counts = [], {}
+    for r in records:
+        counts[r["shard"]] = counts.get(r["shard"], 0) + 1
+    for shard, n in counts.items():
+        view = np.load(curated_dir / "decoded" / f"{shard}.npy", mmap_mode="r")
+        if len(view) != n:
+            raise CurationError(f"{curated_dir}: shard {shard} has {len(view)} decoded rows, manifest {n}")
+        parts.append(view)
+    return records, SplitImages(parts)

@@ -1,0 +1,67 @@
+"""Owns the pipeline steps: each binds params.yaml and the workspace to one library function and logs to MLflow.
+
+One module per step; the CLI (`mmkd stage NAME`), the DVC stages and the Prefect tasks all call `run_step`;
+nothing else runs a step.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Callable
+
+from mmkd.steps.cache_features import step_cache_features
+from mmkd.steps.common import PIPELINE, Context, StepRun, seed_everything
+from mmkd.steps.curate import step_curate
+from mmkd.steps.distill import step_distill
+from mmkd.steps.evaluate import step_evaluate
+from mmkd.steps.pretrain import step_pretrain
+from mmkd.steps.register import step_register
+from mmkd.steps.synth import step_synth
+from mmkd.steps.teachers import load_teachers, step_teachers
+from mmkd.steps.validate import step_validate
+from mmkd.tracking.mlflow_runs import data_hash
+
+__all__ = ["PIPELINE", "STEPS", "Context", "run_step", "start_pipeline", "finish_pipeline", "load_teachers"]
+log = logging.getLogger("mmkd")
+
+STEPS: dict[str, Callable[[Context, StepRun], dict]] = {
+    "synth": step_synth, "curate": step_curate, "validate": step_validate, "teachers": step_teachers,
+    "cache_features": step_cache_features, "pretrain": step_pretrain, "distill": step_distill,
+    "evaluate": step_evaluate, "register": step_register,
+}
+
+
+def run_step(name: str, ctx: Context) -> dict:
+    """Run one step inside its own MLflow run (nested under ctx.parent_run_id when given)."""
+    if name not in STEPS:
+        raise KeyError(f"unknown step '{name}'; steps: {list(STEPS)}")
+    seed_everything(ctx.params.seed, ctx.params.threads)
+    tracker = ctx.tracker()
+    t0 = time.perf_counter()
+    with tracker.run(name, ctx.tags(name), ctx.parent_run_id) as run:
+        summary = STEPS[name](ctx, run)
+        seconds = time.perf_counter() - t0
+        run.log_metrics({"step_seconds": seconds})
+    log.info("step %s done in %.1fs", name, seconds)
+    return {"step": name, "seconds": round(seconds, 2), "run_id": run.run_id, "summary": summary}
+
+
+def start_pipeline(ctx: Context, entry: str) -> str:
+    tracker = ctx.tracker()
+    run = tracker.start(f"retrain-{ctx.params.profile}", {**ctx.tags("pipeline"), "mmkd.entry": entry})
+    run.log_params({"profile": ctx.params.profile, "seed": ctx.params.seed, "params_file": str(ctx.params_path)})
+    return run.run_id
+
+
+def finish_pipeline(ctx: Context, run_id: str, ok: bool, summary: dict | None = None) -> None:
+    tracker = ctx.tracker()
+    run = StepRun(tracker.client, run_id)
+    # data may have been generated inside the pipeline, after the parent run was tagged
+    run.set_tags({"mmkd.data_hash": data_hash(ctx.ws.root, ctx.ws.raw_manifest)})
+    if summary:
+        run.log_metrics(summary)
+    if ok and ctx.ws.leaderboard.exists():
+        run.log_artifact(ctx.ws.leaderboard)
+        run.log_artifact(ctx.ws.metrics)
+    tracker.finish(run, ok)

@@ -1,0 +1,65 @@
+"""Owns what every step shares: the Context (params + workspace + parent run), seeding, device, metric logging."""
+
+from __future__ import annotations
+
+import logging
+import os
+import random
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+
+from mmkd.config import Params, Workspace, load_params
+from mmkd.tracking.mlflow_runs import PARENT_ENV, StepRun, Tracker, data_hash, git_commit
+
+log = logging.getLogger("mmkd")
+PIPELINE = ("curate", "validate", "teachers", "cache_features", "pretrain", "distill", "evaluate", "register")
+
+
+@dataclass
+class Context:
+    ws: Workspace
+    params_path: Path
+    parent_run_id: str | None = None
+
+    @property
+    def params(self) -> Params:
+        return self.ws.params
+
+    @classmethod
+    def load(cls, root: str | Path = ".", params_path: str | Path | None = None, profile: str | None = None,
+             parent_run_id: str | None = None) -> "Context":
+        root = Path(root).resolve()
+        params_path = Path(params_path) if params_path else root / "params.yaml"
+        params = load_params(params_path, profile)
+        return cls(Workspace(root, params), params_path.resolve(), parent_run_id or os.environ.get(PARENT_ENV))
+
+    def tracker(self) -> Tracker:
+        return Tracker(self.ws.root, self.params.tracking.experiment, self.params.tracking.tracking_uri)
+
+    def tags(self, step: str) -> dict:
+        return {"mmkd.step": step, "mmkd.profile": self.params.profile, "mmkd.seed": self.params.seed,
+                "mlflow.source.git.commit": git_commit(self.ws.root),
+                "mmkd.data_hash": data_hash(self.ws.root, self.ws.raw_manifest)}
+
+
+def seed_everything(seed: int, threads: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    torch.set_num_threads(threads)
+
+
+def _device(ctx: Context) -> torch.device:
+    from mmkd.models.factory import resolve_device
+
+    return resolve_device(ctx.params.device)
+
+
+def _metric_logger(run: StepRun, prefix: str) -> Callable[[dict, int], None]:
+    return lambda metrics, step: run.log_metrics({f"{prefix}.{k}": v for k, v in metrics.items()}, step)
+
+

@@ -1,0 +1,20 @@
+"""Owns the `pretrain` step: stage-1 CLIP pretraining of the student."""
+
+from __future__ import annotations
+
+
+from mmkd.steps.common import Context, _device, _metric_logger, StepRun
+
+
+def step_pretrain(ctx: Context, run: StepRun) -> dict:
+    from mmkd.data.store import load_curated
+    from mmkd.training.clip import train_clip
+
+    p, ws = ctx.params, ctx.ws
+    run.log_params({"pretrain": p.pretrain.model_dump()})
+    records, images = load_curated(ws.curated, "train")
+    hist = train_clip(p.pretrain.model, images, [r["caption"] for r in records], p.pretrain.train, p.seed,
+                      _device(ctx), ws.stage1, "pretrain", _metric_logger(run, "train"), {"stage": 1})
+    run.log_metrics({f"final_{k}": v for k, v in hist.items()})
+    run.log_artifact(ws.stage1 / "model.json")
+    return hist
