@@ -13,6 +13,8 @@ import json
 import logging
 import os
 import shutil
+import sqlite3
+import tempfile
 from collections import Counter
 from pathlib import Path
 
@@ -20,7 +22,6 @@ import numpy as np
 
 from mmkd.config import CurateCfg
 from mmkd.data.index import CurationIndex
-from mmkd.data.manifest import read_manifest
 from mmkd.data.sources import RawRecord, iter_source
 from mmkd.data.splits import SPLITS, assign_split, group_token
 from mmkd.data.store import CurationError, ShardWriter, remove_unlisted, shard_numbers
@@ -47,36 +48,61 @@ def all_records(cfg: CurateCfg, data_root: Path):
 
 
 class Previous:
-    """What the last run left: manifest lines and quarantine entries by fingerprint, plus their thumbnails."""
+    """What the last run left, by fingerprint: manifest lines and quarantine entries (on disk, in SQLite)."""
 
     def __init__(self, out_dir: Path, cfg: CurateCfg):
-        self.kept: dict[str, str] = {}
-        self.quarantined: dict[str, str] = {}
-        self.dir = out_dir
+        self.dir, self.kept, self.quarantined = out_dir, 0, 0
+        self.shards: set[str] = set()
+        self._thumbs: dict[str, np.ndarray] = {}
+        self._tmp = tempfile.TemporaryDirectory(prefix="mmkd-prev-")
+        self.db = sqlite3.connect(Path(self._tmp.name) / "prev.sqlite", isolation_level=None)
+        self.db.executescript("PRAGMA journal_mode=OFF; PRAGMA synchronous=OFF;"
+                              "CREATE TABLE prev (fp TEXT PRIMARY KEY, kept INTEGER, line TEXT, used INTEGER);")
         summary = out_dir / "summary.json"
         if not (cfg.incremental and summary.exists() and (out_dir / "manifest.jsonl").exists()):
             return
         if json.loads(summary.read_text()).get("config") != config_fingerprint(cfg):
             log.info("curate: store configuration changed; curating everything again")
             return
-        with open(out_dir / "manifest.jsonl", encoding="utf-8") as fh:
-            for line in fh:
-                self.kept[json.loads(line)["fingerprint"]] = line
-        with open(out_dir / "quarantine.jsonl", encoding="utf-8") as fh:
-            for line in fh:
-                fp = json.loads(line).get("fingerprint")
-                if fp:
-                    self.quarantined[fp] = line
-        self._thumbs: dict[str, np.ndarray] = {}
+        self.db.execute("BEGIN")
+        for name, kept in (("manifest.jsonl", 1), ("quarantine.jsonl", 0)):
+            with open(out_dir / name, encoding="utf-8") as fh:
+                for line in fh:
+                    entry = json.loads(line)
+                    if entry.get("fingerprint"):
+                        self.db.execute("INSERT OR REPLACE INTO prev VALUES (?, ?, ?, 0)", (entry["fingerprint"], kept, line))
+                        if kept:
+                            self.kept += 1
+                            self.shards.add(entry["shard"])
+                        else:
+                            self.quarantined += 1
+        self.db.execute("COMMIT")
+
+    @property
+    def empty(self) -> bool:
+        return not (self.kept or self.quarantined)
 
     @property
     def known(self) -> frozenset[str]:
-        return frozenset(self.kept) | frozenset(self.quarantined)
+        return frozenset(fp for (fp,) in self.db.execute("SELECT fp FROM prev"))
+
+    def take(self, fp: str) -> tuple[bool, str]:
+        kept, line = self.db.execute("SELECT kept, line FROM prev WHERE fp=?", (fp,)).fetchone()
+        self.db.execute("UPDATE prev SET used=1 WHERE fp=?", (fp,))
+        return bool(kept), line
+
+    def lost(self) -> int:
+        """Kept records of the last run that no source yielded this time."""
+        return self.db.execute("SELECT COUNT(*) FROM prev WHERE kept=1 AND used=0").fetchone()[0]
 
     def thumb(self, rec: dict) -> np.ndarray:
         if rec["shard"] not in self._thumbs:
             self._thumbs[rec["shard"]] = np.load(self.dir / "thumbs" / f"{rec['shard']}.npy", mmap_mode="r")
         return self._thumbs[rec["shard"]][rec["row"]]
+
+    def close(self) -> None:
+        self.db.close()
+        self._tmp.cleanup()
 
 
 def curate(data_root: Path, out_dir: Path, cfg: CurateCfg) -> dict:
@@ -84,23 +110,30 @@ def curate(data_root: Path, out_dir: Path, cfg: CurateCfg) -> dict:
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     prev = Previous(out_dir, cfg)
-    summary = _run(Path(data_root), out_dir, cfg, prev)
+    try:
+        summary = _run(Path(data_root), out_dir, cfg, prev)
+    finally:
+        prev.close()
     if summary is None:  # sources lost records since the last run
         log.info("curate: records were removed from the sources; curating everything again")
-        summary = _run(Path(data_root), out_dir, cfg, Previous(out_dir, cfg.model_copy(update={"incremental": False})))
+        prev = Previous(out_dir, cfg.model_copy(update={"incremental": False}))
+        try:
+            summary = _run(Path(data_root), out_dir, cfg, prev)
+        finally:
+            prev.close()
     return summary
 
 
 def _run(data_root: Path, out_dir: Path, cfg: CurateCfg, prev: Previous) -> dict | None:
-    if not prev.kept and not prev.quarantined:
+    if prev.empty:
         for sub in ("shards", "decoded", "thumbs"):
             shutil.rmtree(out_dir / sub, ignore_errors=True)
     else:
-        remove_unlisted(out_dir, {json.loads(line)["shard"] for line in prev.kept.values()})
+        remove_unlisted(out_dir, prev.shards)
     index = CurationIndex(cfg.near_dup_bits, cfg.near_dup_max_diff)
     writers = {s: ShardWriter(out_dir, s, (shard_numbers(out_dir, s) or [-1])[-1] + 1, cfg.shard_max_bytes,
                               cfg.shard_max_records, cfg.decoded_size) for s in SPLITS}
-    stats = Counter()
+    stats, per_shard = Counter(), Counter()
     per = {k: Counter() for k in ("split", "modality", "source", "modality_from", "split_from", "scrubbed", "reasons")}
     tmp_manifest, tmp_quarantine = out_dir / "manifest.jsonl.tmp", out_dir / "quarantine.jsonl.tmp"
     man, qua = open(tmp_manifest, "w", encoding="utf-8"), open(tmp_quarantine, "w", encoding="utf-8")
@@ -114,6 +147,7 @@ def _run(data_root: Path, out_dir: Path, cfg: CurateCfg, prev: Previous) -> dict
 
     def count(entry: dict) -> None:
         stats["kept"] += 1
+        per_shard[entry["shard"]] += 1
         for k in ("split", "modality", "source", "modality_from", "split_from"):
             per[k][entry[k]] += 1
         for k, v in entry.get("scrubbed", {}).items():
@@ -126,15 +160,14 @@ def _run(data_root: Path, out_dir: Path, cfg: CurateCfg, prev: Previous) -> dict
             fp = res["fingerprint"]
             if res.get("reused"):
                 stats["reused"] += 1
-                if fp in prev.kept:
-                    line = prev.kept.pop(fp)
+                was_kept, line = prev.take(fp)
+                if was_kept:
                     entry = json.loads(line)
                     index.add(entry["id"], entry["origin"], entry["key"], int(entry["phash"], 16), prev.thumb(entry),
                               entry["group"], entry["split"])
                     man.write(line)
                     count(entry)
                 else:
-                    line = prev.quarantined.pop(fp)
                     qua.write(line)
                     stats["quarantined"] += 1
                     per["reasons"][json.loads(line)["category"]] += 1
@@ -180,7 +213,7 @@ def _run(data_root: Path, out_dir: Path, cfg: CurateCfg, prev: Previous) -> dict
         man.close()
         qua.close()
         index.close()
-    if prev.kept:  # records of the last run that no source yields any more: the caller rebuilds
+    if prev.lost():  # records of the last run that no source yields any more: the caller rebuilds
         tmp_manifest.unlink()
         tmp_quarantine.unlink()
         return None
@@ -189,7 +222,6 @@ def _run(data_root: Path, out_dir: Path, cfg: CurateCfg, prev: Previous) -> dict
                             f"see {tmp_quarantine})")
     os.replace(tmp_manifest, out_dir / "manifest.jsonl")
     os.replace(tmp_quarantine, out_dir / "quarantine.jsonl")
-    per_shard = Counter(r["shard"] for r in read_manifest(out_dir / "manifest.jsonl"))
     listed = set(per_shard)
     remove_unlisted(out_dir, listed)
     # open_clip_train's convention: shard sizes beside the shards, so --train-data needs no sample count

@@ -32,7 +32,7 @@ class CurationIndex:
         self.tmp = tempfile.TemporaryDirectory(prefix="mmkd-curate-", dir=folder)
         self.db = sqlite3.connect(Path(self.tmp.name) / "index.sqlite", isolation_level=None)
         self.db.executescript("""
-            PRAGMA journal_mode=OFF; PRAGMA synchronous=OFF; PRAGMA cache_size=-8000;
+            PRAGMA journal_mode=OFF; PRAGMA synchronous=OFF; PRAGMA cache_size=-2000; PRAGMA temp_store=FILE;
             CREATE TABLE ids (id TEXT PRIMARY KEY, at TEXT);
             CREATE TABLE content (hash TEXT PRIMARY KEY, id TEXT);
             CREATE TABLE bands (band INTEGER, value INTEGER, rid INTEGER);
@@ -56,22 +56,31 @@ class CurationIndex:
         return row[0] if row else None
 
     def near_duplicate(self, phash: int, thumb: np.ndarray) -> tuple[str, float] | None:
-        """(id, difference) of an earlier near-identical image, or None."""
+        """(id, difference) of the earliest near-identical image, or None. Candidates come from the bands in one
+        query; Hamming distances, then thumbnail differences, are computed for all of them at once."""
         if self.near_bits < 0:
             return None
-        seen = set()
-        for band, value in enumerate(_bands(phash, self.near_bits)):
-            for (rid,) in self.db.execute("SELECT rid FROM bands WHERE band=? AND value=?", (band, value)):
-                if rid in seen:
-                    continue
-                seen.add(rid)
-                rid_id, other, blob = self.db.execute("SELECT id, phash, thumb FROM images WHERE rid=?", (rid,)).fetchone()
-                if bin((other & (2**64 - 1)) ^ phash).count("1") > self.near_bits:
-                    continue
-                diff = float(np.abs(np.frombuffer(blob, np.uint8).astype(np.int16) - thumb.astype(np.int16).ravel()).mean())
-                if diff <= self.max_diff:
-                    return rid_id, diff
-        return None
+        bands = _bands(phash, self.near_bits)
+        where = " OR ".join(["(band=? AND value=?)"] * len(bands))
+        rows = self.db.execute(f"SELECT DISTINCT rid FROM bands WHERE {where}",
+                               [x for bv in enumerate(bands) for x in bv]).fetchall()
+        if not rows:
+            return None
+        rids = [r[0] for r in rows]
+        found = self.db.execute(f"SELECT rid, phash FROM images WHERE rid IN ({','.join('?' * len(rids))})",
+                                rids).fetchall()
+        cand = np.array([r[0] for r in found], dtype=np.int64)
+        other = np.array([r[1] for r in found], dtype=np.int64).view(np.uint64)
+        close = cand[np.bitwise_count(other ^ np.uint64(phash)) <= self.near_bits]
+        if not len(close):
+            return None
+        close = sorted(int(c) for c in close)  # earliest first: the record met first is the one kept
+        found = self.db.execute(f"SELECT rid, id, thumb FROM images WHERE rid IN ({','.join('?' * len(close))}) "
+                                "ORDER BY rid", close).fetchall()
+        thumbs = np.stack([np.frombuffer(r[2], np.uint8) for r in found]).astype(np.int16)
+        diff = np.abs(thumbs - thumb.astype(np.int16).ravel()).mean(axis=1)
+        hit = np.flatnonzero(diff <= self.max_diff)
+        return (found[hit[0]][1], float(diff[hit[0]])) if len(hit) else None
 
     def group_split(self, token: str) -> str | None:
         row = self.db.execute("SELECT split FROM groups WHERE token=?", (token,)).fetchone()
