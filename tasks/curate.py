@@ -1,4 +1,4 @@
-"""Prefect task: Curate the raw manifest: decode, resize, de-duplicate, quarantine."""
+"""Prefect task: curate every configured source into the WebDataset store (incremental; quarantines bad records)."""
 
 from tasks import step_task
 

@@ -134,7 +134,7 @@ def test_curation_with_nothing_usable_fails_clearly(tmp_path):
 def test_parallel_workers_give_the_same_store_as_one_process(corpus, tmp_path):
     curate(corpus, tmp_path / "a", _cfg())
     curate(corpus, tmp_path / "b", CurateCfg(workers=2))
-    for rel in ("manifest.jsonl", "shards/train-00000.tar", "decoded/test-00000.npy"):
+    for rel in ("manifest.jsonl", "shards/train-00000.tar", "decoded/224/test-00000.npy"):
         assert (tmp_path / "a" / rel).read_bytes() == (tmp_path / "b" / rel).read_bytes(), rel
 
 
@@ -242,7 +242,6 @@ def test_webdataset_round_trip_through_open_clip_train(corpus, tmp_path):
     shards = sorted((out / "shards").glob("train-*.tar"))
     pattern = str(shards[0])
     assert get_dataset_size(pattern)[0] == summary["kept_per_split"]["train"]   # sizes.json beside the shards
-    _, preprocess = open_clip.create_model_and_transforms("RN50", pretrained=None)[1:], None
     args = Namespace(val_data=pattern, val_num_samples=None, batch_size=4, workers=0, seed=0, world_size=1,
                      train_data=None)
     tokenizer = open_clip.get_tokenizer("RN50")
@@ -262,13 +261,14 @@ def test_webdataset_round_trip_through_open_clip_train(corpus, tmp_path):
 
 
 def test_store_without_decoded_views_decodes_from_shards(corpus, tmp_path):
-    curate(corpus, tmp_path / "views", _cfg())
-    curate(corpus, tmp_path / "raw", _cfg(decoded_size=None))
+    curate(corpus, tmp_path / "views", _cfg(decoded_sizes=[32, 64]))
+    curate(corpus, tmp_path / "raw", _cfg(decoded_sizes=[]))
     assert not (tmp_path / "raw" / "decoded").exists() or not any((tmp_path / "raw" / "decoded").iterdir())
-    with pytest.raises(CurationError, match="decoded_size is null"):
+    with pytest.raises(CurationError, match="decoded_sizes is empty"):
         load_curated(tmp_path / "raw", "test")
-    _, views = load_curated(tmp_path / "views", "test")
-    _, decoded = load_curated(tmp_path / "raw", "test", size=64)  # the decoded views are 64 px
+    _, views = load_curated(tmp_path / "views", "test", size=64)
+    assert load_curated(tmp_path / "views", "test")[1].shape[1:] == (32, 32, 3)   # the first size by default
+    _, decoded = load_curated(tmp_path / "raw", "test", size=64)
     assert np.array_equal(views[:], decoded[:])
 
 

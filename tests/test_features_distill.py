@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from mmkd.config import DistillCfg, ProjectorCfg, TeacherSpec, TrainCfg
-from mmkd.data.store import load_curated
+from mmkd.data.store import split_records
 from mmkd.features.cache import FeatureCacheError, build_cache, load_split
 from mmkd.models.encoder import ClipEncoder
 from mmkd.models.factory import create_model, save_checkpoint
@@ -34,7 +34,7 @@ def cached(smoke_corpus, tmp_path_factory):
 
 def test_cache_rows_follow_the_curated_ids(cached):
     root, features, stats = cached
-    records, _ = load_curated(root / "artifacts" / "curated", "train")
+    records = split_records(root / "artifacts" / "curated", "train")
     ids = [r["id"] for r in records]
     feats = load_split(features, "train", ids)
     assert feats["rad"]["image"].shape == (len(ids), 160) and feats["path"]["text"].shape == (len(ids), 96)
@@ -52,7 +52,7 @@ def test_distill_routes_teachers_by_domain_and_saves_a_student(cached, tmp_path)
     save_checkpoint(create_model("mmkd-student-tiny"), tmp_path / "stage1", "mmkd-student-tiny")
     cfg = DistillCfg(train=TrainCfg(epochs=1, batch_size=32, warmup_steps=1))
     hist = distill(tmp_path / "stage1", curated, features, cfg, 0, CPU, tmp_path / "student")
-    records, _ = load_curated(curated, "train")
+    records = split_records(curated, "train")
     mods = [r["modality"] for r in records]
     # only pathology samples may draw `path`; radiology samples draw `rad`; the rest (no teacher) draw either
     n_path, n_rad = mods.count("pathology"), sum(m in ("xray", "ct", "mri", "ultrasound") for m in mods)

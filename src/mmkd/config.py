@@ -89,8 +89,9 @@ class CurateCfg(Strict):
     max_pixels: int = Field(100_000_000, ge=1, description="larger images are refused as decompression bombs")
     max_side: int = Field(1024, ge=16, description="stored images are downscaled to at most this side")
     highbit_percentiles: tuple[float, float] = Field((0.0, 100.0), description="window for >8-bit images")
-    # the decoded fast path: square uint8 arrays per shard that training memory-maps (null: decode shards)
-    decoded_size: int | None = Field(64, ge=8, le=1024)
+    # the decoded fast path: square uint8 views per shard at each model input size, memory-mapped by training and
+    # evaluation; a consumer whose size is not listed decodes the shards instead
+    decoded_sizes: list[int] = Field(default_factory=lambda: [224])
     shard_max_bytes: int = Field(64 * 2**20, ge=2**16)
     shard_max_records: int = Field(10_000, ge=1)
     near_dup_bits: int = Field(4, ge=-1, le=16, description="pHash Hamming distance for candidates; -1 disables")

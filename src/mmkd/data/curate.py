@@ -30,7 +30,7 @@ from mmkd.progress import progress
 
 log = logging.getLogger("mmkd")
 STORE_KEYS = ("allowed_formats", "min_side", "max_input_side", "max_pixels", "max_side", "highbit_percentiles",
-              "decoded_size", "shard_max_bytes", "shard_max_records", "near_dup_bits", "near_dup_max_diff",
+              "decoded_sizes", "shard_max_bytes", "shard_max_records", "near_dup_bits", "near_dup_max_diff",
               "split_fractions", "scrub_captions", "min_caption_chars")
 
 __all__ = ["CurationError", "curate", "SPLITS"]
@@ -132,7 +132,7 @@ def _run(data_root: Path, out_dir: Path, cfg: CurateCfg, prev: Previous) -> dict
         remove_unlisted(out_dir, prev.shards)
     index = CurationIndex(cfg.near_dup_bits, cfg.near_dup_max_diff)
     writers = {s: ShardWriter(out_dir, s, (shard_numbers(out_dir, s) or [-1])[-1] + 1, cfg.shard_max_bytes,
-                              cfg.shard_max_records, cfg.decoded_size) for s in SPLITS}
+                              cfg.shard_max_records, cfg.decoded_sizes) for s in SPLITS}
     stats, per_shard = Counter(), Counter()
     per = {k: Counter() for k in ("split", "modality", "source", "modality_from", "split_from", "scrubbed", "reasons")}
     tmp_manifest, tmp_quarantine = out_dir / "manifest.jsonl.tmp", out_dir / "quarantine.jsonl.tmp"
@@ -197,7 +197,7 @@ def _run(data_root: Path, out_dir: Path, cfg: CurateCfg, prev: Previous) -> dict
             meta = {"id": rid, "caption": res["caption"], "modality": res["modality"], "split": split,
                     "labels": rec.labels, "source": rec.source, "licence": rec.licence, "origin": rec.origin}
             loc = writers[split].add(res["hash"], res["members"], res["image_at"], res["size"], res["ext"], meta,
-                                     res["view"], res["thumb"])
+                                     res["views"], res["thumb"])
             entry = {**meta, "key": res["hash"], "kind": rec.kind, "line": rec.line, "group": token,
                      "modality_from": res["modality_from"], "split_from": split_from, "fingerprint": fp,
                      "phash": f"{res['phash']:016x}", "width": res["width"], "height": res["height"],
@@ -228,7 +228,7 @@ def _run(data_root: Path, out_dir: Path, cfg: CurateCfg, prev: Previous) -> dict
     (out_dir / "shards" / "sizes.json").write_text(json.dumps({f"{s}.tar": n for s, n in sorted(per_shard.items())},
                                                               indent=1))
     summary = {
-        "config": config_fingerprint(cfg), "decoded_size": cfg.decoded_size,
+        "config": config_fingerprint(cfg), "decoded_sizes": cfg.decoded_sizes,
         "input_records": stats["records"], "kept": stats["kept"], "quarantined": stats["quarantined"],
         "decoded": stats["decoded"], "reused": stats["reused"],
         "kept_per_split": {s: per["split"][s] for s in SPLITS},

@@ -2,7 +2,7 @@
 
 Layout of artifacts/curated/:
   shards/<split>-NNNNN.tar    `<key>.png|jpg`, `<key>.txt`, `<key>.json` (open_clip_train reads these directly)
-  decoded/<split>-NNNNN.npy   uint8 [n, S, S, 3] at curate.decoded_size: the fast path training memory-maps
+  decoded/<S>/<split>-NNNNN.npy  uint8 [n, S, S, 3] per size S of curate.decoded_sizes: the fast path models read
   thumbs/<split>-NNNNN.npy    uint8 [n, 32, 32] grayscale thumbnails: near-duplicate state for incremental runs
   manifest.jsonl              one line per kept record: provenance, shard, row, byte offset, hashes
   quarantine.jsonl            one line per refused record: source, line, reason, the raw record
@@ -74,9 +74,9 @@ def sample_members(key: str, payload: bytes, ext: str, caption: str) -> tuple[by
 class ShardWriter:
     """Writes one split's shards, rolling over at a byte or record bound; names are <split>-NNNNN."""
 
-    def __init__(self, root: Path, split: str, start: int, max_bytes: int, max_records: int, decoded_size: int | None):
+    def __init__(self, root: Path, split: str, start: int, max_bytes: int, max_records: int, sizes: list[int]):
         self.root, self.split, self.index = Path(root), split, start
-        self.max_bytes, self.max_records, self.decoded_size = max_bytes, max_records, decoded_size
+        self.max_bytes, self.max_records, self.sizes = max_bytes, max_records, sizes
         self.tar = None
         self.written: list[str] = []
 
@@ -85,16 +85,16 @@ class ShardWriter:
         return f"{self.split}-{self.index:05d}"
 
     def _open(self) -> None:
-        for sub in ("shards", "decoded", "thumbs"):
+        for sub in ("shards", "thumbs", *(f"decoded/{s}" for s in self.sizes)):
             (self.root / sub).mkdir(parents=True, exist_ok=True)
         self.tmp = self.root / "shards" / f"{self.name}.tar.tmp"
         self.tar = open(self.tmp, "wb")
         self.offset = self.rows = 0
-        self.views = NpyAppender(self.root / "decoded" / f"{self.name}.npy.tmp",
-                                 (self.decoded_size, self.decoded_size, 3)) if self.decoded_size else None
+        self.views = {s: NpyAppender(self.root / "decoded" / str(s) / f"{self.name}.npy.tmp", (s, s, 3))
+                      for s in self.sizes}
         self.thumbs = NpyAppender(self.root / "thumbs" / f"{self.name}.npy.tmp", (32, 32))
 
-    def add(self, key: str, members: bytes, image_at: int, size: int, ext: str, meta: dict, view, thumb) -> dict:
+    def add(self, key: str, members: bytes, image_at: int, size: int, ext: str, meta: dict, views: dict, thumb) -> dict:
         """Append one sample: its prebuilt image+caption members (sample_members), then its metadata member."""
         if self.tar is None:
             self._open()
@@ -102,8 +102,8 @@ class ShardWriter:
         self.tar.write(blob)
         loc = {"shard": self.name, "row": self.rows, "offset": self.offset + image_at, "size": size, "ext": ext}
         self.offset += len(blob)
-        if self.views is not None:
-            self.views.append(view)
+        for s, appender in self.views.items():
+            appender.append(views[s])
         self.thumbs.append(thumb)
         self.rows += 1
         if self.rows >= self.max_records or self.offset >= self.max_bytes:
@@ -116,10 +116,9 @@ class ShardWriter:
         end = self.offset + 2 * 512  # two zero blocks end the archive; tar pads to 10 KiB records, as tarfile does
         self.tar.write(b"\0" * (end - self.offset + (-end % tarfile.RECORDSIZE)))
         self.tar.close()
-        for appender in (self.views, self.thumbs):
-            if appender is not None:
-                appender.close()
-                os.replace(appender.path, appender.path.with_suffix(""))  # drop .tmp: visible only when whole
+        for appender in (*self.views.values(), self.thumbs):
+            appender.close()
+            os.replace(appender.path, appender.path.with_suffix(""))  # drop .tmp: visible only when whole
         os.replace(self.tmp, self.tmp.with_suffix(""))
         self.written.append(self.name)
         self.tar, self.index = None, self.index + 1
@@ -132,7 +131,7 @@ def shard_numbers(curated_dir: Path, split: str) -> list[int]:
 def remove_unlisted(curated_dir: Path, listed: set[str]) -> list[str]:
     """Delete shard files (and their views) that no manifest line points at: leftovers of an interrupted run."""
     gone = []
-    for sub, pattern in (("shards", "*.tar*"), ("decoded", "*.npy*"), ("thumbs", "*.npy*")):  # sizes.json stays
+    for sub, pattern in (("shards", "*.tar*"), ("decoded", "*/*.npy*"), ("thumbs", "*.npy*")):  # sizes.json stays
         for p in (Path(curated_dir) / sub).glob(pattern):
             if p.name.split(".")[0] not in listed or p.name.endswith(".tmp"):
                 p.unlink()
@@ -222,23 +221,25 @@ def split_records(curated_dir: Path, split: str) -> list[dict]:
 
 
 def load_curated(curated_dir: Path, split: str, size: int | None = None):
-    """(records, images) of one split. Images come from the decoded views (memory-mapped) when they exist at
-    `size` (or size is None), else are decoded from the shards at `size`."""
+    """(records, images) of one split at `size` px (square). Images come from the decoded views, memory-mapped,
+    when curation wrote that size (size None: the first of curate.decoded_sizes), else from the shards."""
     curated_dir = Path(curated_dir)
     if split not in SPLITS:
         raise KeyError(f"unknown split '{split}'; splits: {list(SPLITS)}")
     records = split_records(curated_dir, split)
     summary = json.loads((curated_dir / "summary.json").read_text())
-    decoded = summary.get("decoded_size")
-    if size is not None and size != decoded:
+    decoded = summary.get("decoded_sizes") or []
+    if size is None:
+        if not decoded:
+            raise CurationError(f"{curated_dir}: no decoded views (curate.decoded_sizes is empty); pass a size")
+        size = decoded[0]
+    if size not in decoded:
         return records, ShardImages(curated_dir, records, size)
-    if decoded is None:
-        raise CurationError(f"{curated_dir}: no decoded views (curate.decoded_size is null); pass a size")
     parts, counts = [], {}
     for r in records:
         counts[r["shard"]] = counts.get(r["shard"], 0) + 1
     for shard, n in counts.items():
-        view = np.load(curated_dir / "decoded" / f"{shard}.npy", mmap_mode="r")
+        view = np.load(curated_dir / "decoded" / str(size) / f"{shard}.npy", mmap_mode="r")
         if len(view) != n:
             raise CurationError(f"{curated_dir}: shard {shard} has {len(view)} decoded rows, manifest {n}")
         parts.append(view)

@@ -100,14 +100,14 @@ def process(rec: RawRecord) -> dict:
     payload, ext = (data, keep_original) if keep_original else (imaging.encode_png(stored[..., 0] if gray else stored), "png")
     phash, _ = imaging.perceptual_hashes(rgb)
     thumb = np.asarray(Image.fromarray(rgb).convert("L").resize((THUMB, THUMB), Image.BILINEAR), dtype=np.uint8)
-    view = imaging.square_view(stored, cfg.decoded_size) if cfg.decoded_size else None
+    views = {size: imaging.square_view(stored, size) for size in cfg.decoded_sizes}
     key = imaging.content_hash(rgb)
     members, image_at = sample_members(key, payload, ext, caption)
     return {**out, "caption": caption, "scrubbed": scrubbed, "modality": modality, "modality_from": modality_from,
             "hash": key, "phash": phash, "thumb": thumb, "members": members, "image_at": image_at,
             "size": len(payload), "ext": ext,
             "width": stored.shape[1], "height": stored.shape[0], "orig_width": rgb.shape[1],
-            "orig_height": rgb.shape[0], "view": view}
+            "orig_height": rgb.shape[0], "views": views}
 
 
 def _plain_original(data: bytes) -> str | bool:

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 
-from mmkd.data.store import load_curated
+from mmkd.data.store import load_curated, split_records
 from mmkd.evaluation.metrics import class_embeddings, linear_probe, retrieval, zero_shot
 from mmkd.models.encoder import ClipEncoder
 
@@ -26,9 +26,10 @@ class Candidate:
     cached: dict[str, dict[str, np.ndarray]] | None = None
 
 
-def _split_embeddings(c: Candidate, split: str, records, images, batch: int) -> tuple[np.ndarray, np.ndarray]:
+def _split_embeddings(c: Candidate, split: str, records, curated_dir: Path, batch: int) -> tuple[np.ndarray, np.ndarray]:
     if c.cached and split in c.cached:
         return c.cached[split]["image"], c.cached[split]["text"]
+    images = load_curated(curated_dir, split, c.encoder.spec.size)[1]  # at the model's own input size
     return c.encoder.encode_images(images, batch), c.encoder.encode_texts([r["caption"] for r in records], batch)
 
 
@@ -52,8 +53,7 @@ def task_labels(records: list[dict], sel: np.ndarray, task: dict, dataset: str) 
 def evaluate(candidates: list[Candidate], curated_dir: Path, tasks: dict, recall_k: list[int], probe_c: float,
              seed: int, batch: int = 256) -> dict:
     """model -> dataset -> metric. Datasets are the held-out test sets, one per modality, plus `mean`."""
-    test_rec, test_img = load_curated(curated_dir, "test")
-    probe_rec, probe_img = load_curated(curated_dir, "probe")
+    test_rec, probe_rec = split_records(curated_dir, "test"), split_records(curated_dir, "probe")
     # labels depend on the task only: resolve (and check) them once, not once per model
     selections = {}
     for dataset, task in tasks.items():
@@ -64,8 +64,8 @@ def evaluate(candidates: list[Candidate], curated_dir: Path, tasks: dict, recall
                                    task_labels(probe_rec, psel, task, dataset))
     results: dict[str, dict[str, dict[str, float]]] = {}
     for c in candidates:
-        te_i, te_t = _split_embeddings(c, "test", test_rec, test_img, batch)
-        pr_i, _ = _split_embeddings(c, "probe", probe_rec, probe_img, batch)
+        te_i, te_t = _split_embeddings(c, "test", test_rec, curated_dir, batch)
+        pr_i, _ = _split_embeddings(c, "probe", probe_rec, curated_dir, batch)
         per: dict[str, dict[str, float]] = {}
         for dataset, (sel, psel, y, py) in selections.items():
             task = tasks[dataset]

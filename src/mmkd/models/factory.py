@@ -42,6 +42,12 @@ class _NoPretrainedNotice(logging.Filter):
         return "No pretrained weights loaded" not in record.getMessage()
 
 
+def input_size(name: str) -> int:
+    """The square image size a registered config's vision tower takes."""
+    size = model_config(name)["vision_cfg"]["image_size"]
+    return int(size[0] if isinstance(size, (list, tuple)) else size)
+
+
 def create_model(name: str, device: str | torch.device = "cpu") -> torch.nn.Module:
     """A randomly initialised open_clip CLIP from a registered config name (weights come from a checkpoint)."""
     model_config(name)

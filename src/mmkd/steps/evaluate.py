@@ -13,7 +13,7 @@ def step_evaluate(ctx: Context, run: StepRun) -> dict:
 
     from mmkd.evaluation.evaluate import Candidate, evaluate, leaderboard, write_reports
     from mmkd.features.cache import load_split
-    from mmkd.data.store import load_curated
+    from mmkd.data.store import split_records
     from mmkd.models.encoder import ClipEncoder
     from mmkd.models.factory import load_checkpoint
 
@@ -25,7 +25,7 @@ def step_evaluate(ctx: Context, run: StepRun) -> dict:
     for name, folder in (("student", ws.student), ("student_stage1", ws.stage1)):
         model, meta = load_checkpoint(folder, device)
         candidates.append(Candidate(name, ClipEncoder(name, model, open_clip.get_tokenizer(meta["model"]), device), "student"))
-    ids = {s: [r["id"] for r in load_curated(ws.curated, s)[0]] for s in ("probe", "test")}
+    ids = {s: [r["id"] for r in split_records(ws.curated, s)] for s in ("probe", "test")}
     cached = {s: load_split(ws.features, s, ids[s]) for s in ids}
     for spec, enc in load_teachers(ctx):
         emb = {s: {k: cached[s][spec.name][k].numpy() for k in ("image", "text")} for s in ids}

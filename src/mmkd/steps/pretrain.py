@@ -8,11 +8,12 @@ from mmkd.steps.common import Context, _device, _metric_logger, StepRun
 
 def step_pretrain(ctx: Context, run: StepRun) -> dict:
     from mmkd.data.store import load_curated
+    from mmkd.models.factory import input_size
     from mmkd.training.clip import train_clip
 
     p, ws = ctx.params, ctx.ws
     run.log_params({"pretrain": p.pretrain.model_dump()})
-    records, images = load_curated(ws.curated, "train")
+    records, images = load_curated(ws.curated, "train", input_size(p.pretrain.model))
     hist = train_clip(p.pretrain.model, images, [r["caption"] for r in records], p.pretrain.train, p.seed,
                       _device(ctx), ws.stage1, "pretrain", _metric_logger(run, "train"), {"stage": 1})
     run.log_metrics({f"final_{k}": v for k, v in hist.items()})

@@ -10,12 +10,13 @@ from mmkd.steps.common import Context, _device, _metric_logger, StepRun
 
 
 def step_teachers(ctx: Context, run: StepRun) -> dict:
-    from mmkd.data.store import load_curated
+    from mmkd.data.store import load_curated, split_records
+    from mmkd.models.factory import input_size
     from mmkd.training.clip import train_clip
 
     p, ws = ctx.params, ctx.ws
     run.log_params({"teachers": p.teachers.model_dump()})
-    records, images = load_curated(ws.curated, "train")
+    records = split_records(ws.curated, "train")
     out: dict = {}
     ws.teachers.mkdir(parents=True, exist_ok=True)
     for i, spec in enumerate(p.teachers.registry):
@@ -25,6 +26,7 @@ def step_teachers(ctx: Context, run: StepRun) -> dict:
         rows = np.array([j for j, r in enumerate(records) if r["modality"] in spec.modalities])
         if len(rows) < 2:
             raise ValueError(f"teacher '{spec.name}': only {len(rows)} curated train pairs in {spec.modalities}")
+        images = load_curated(ws.curated, "train", input_size(spec.model))[1]  # at the teacher's own input size
         hist = train_clip(spec.model, images.subset(rows), [records[j]["caption"] for j in rows], p.teachers.train,
                           p.seed + 100 + i, _device(ctx), ws.teachers / spec.name, f"teacher {spec.name}",
                           _metric_logger(run, spec.name), {"teacher": spec.name, "modalities": spec.modalities})

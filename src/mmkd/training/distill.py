@@ -13,7 +13,7 @@ import torch
 from mmkd.config import DistillCfg
 from mmkd.data.store import load_curated
 from mmkd.features.cache import availability, load_split, read_index
-from mmkd.models.factory import load_checkpoint, model_config, save_checkpoint
+from mmkd.models.factory import image_spec, load_checkpoint, model_config, save_checkpoint
 from mmkd.training.loop import MAX_LOGIT_SCALE, tokenize_all, train
 from mmkd.training.losses import distillation_loss
 
@@ -32,7 +32,9 @@ class TeacherSampler:
 
 def distill(stage1_dir: Path, curated_dir: Path, features_dir: Path, cfg: DistillCfg, seed: int,
             device: torch.device, out_dir: Path, log: Callable | None = None) -> dict:
-    records, images = load_curated(curated_dir, "train")
+    torch.manual_seed(seed)
+    model, meta = load_checkpoint(stage1_dir, device)
+    records, images = load_curated(curated_dir, "train", image_spec(model).size)
     ids = [r["id"] for r in records]
     feats = load_split(features_dir, "train", ids)
     index = read_index(features_dir)
@@ -43,8 +45,6 @@ def distill(stage1_dir: Path, curated_dir: Path, features_dir: Path, cfg: Distil
     t_img = torch.stack([feats[t]["image_proj"] for t in names]).to(device)  # [T, N, d]
     t_txt = torch.stack([feats[t]["text_proj"] for t in names]).to(device)
 
-    torch.manual_seed(seed)
-    model, meta = load_checkpoint(stage1_dir, device)
     student_dim = model_config(meta["model"])["embed_dim"]
     if t_img.shape[-1] != student_dim:
         raise ValueError(f"projected teacher dim {t_img.shape[-1]} != student embed_dim {student_dim}; "

@@ -55,12 +55,14 @@ def shard_frame(curated_dir: Path, df: pd.DataFrame) -> pd.DataFrame:
     for path in sorted((curated_dir / "shards").glob("*.tar")):
         with tarfile.open(path) as tar:
             samples = len({m.name.split(".", 1)[0] for m in tar})
-        view = curated_dir / "decoded" / f"{path.stem}.npy"
+        # every decoded view of the shard must hold its rows: the smallest count over the sizes is checked
+        views = sorted((curated_dir / "decoded").glob(f"*/{path.stem}.npy"))
         rows.append({"shard": path.stem, "bytes": path.stat().st_size, "tar_samples": samples,
-                     "manifest_rows": int(per_shard.get(path.stem, 0)),
-                     "decoded_rows": len(np.load(view, mmap_mode="r")) if view.exists() else -1})
+                     "manifest_rows": int(per_shard.get(path.stem, 0)), "views": len(views),
+                     "decoded_rows": min((len(np.load(v, mmap_mode="r")) for v in views), default=-1)})
     listed = set(per_shard.index) - {r["shard"] for r in rows}
-    rows += [{"shard": s, "bytes": 0, "tar_samples": 0, "manifest_rows": int(per_shard[s]), "decoded_rows": -1}
+    rows += [{"shard": s, "bytes": 0, "tar_samples": 0, "manifest_rows": int(per_shard[s]), "views": 0,
+              "decoded_rows": -1}
              for s in sorted(listed)]  # a manifest pointing at a missing shard fails the equality below
     return pd.DataFrame(rows)
 
@@ -86,8 +88,10 @@ def _expectations(gx, curate: CurateCfg, cfg: ValidateCfg, df: pd.DataFrame):
     bound = curate.shard_max_bytes + int(df["size"].max()) + 8192
     shards = [E.ExpectColumnValuesToBeBetween(column="bytes", min_value=1, max_value=bound),
               E.ExpectColumnPairValuesToBeEqual(column_A="tar_samples", column_B="manifest_rows")]
-    if curate.decoded_size:
-        shards.append(E.ExpectColumnPairValuesToBeEqual(column_A="decoded_rows", column_B="manifest_rows"))
+    if curate.decoded_sizes:
+        n = len(curate.decoded_sizes)
+        shards += [E.ExpectColumnPairValuesToBeEqual(column_A="decoded_rows", column_B="manifest_rows"),
+                   E.ExpectColumnValuesToBeBetween(column="views", min_value=n, max_value=n)]
     return manifest, splits, modalities, shards
 
 

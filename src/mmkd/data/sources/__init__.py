@@ -51,6 +51,14 @@ class RawRecord:
                 "licence": self.licence, "loc": {k: v for k, v in self.loc.items() if k not in ("path", "tar", "root")}}
 
 
+def take_metadata(rec: RawRecord, get) -> None:
+    """Fill the optional per-record fields from a source's metadata; `get(role)` returns the value or None."""
+    for role in ("modality", "split", "group", "licence"):
+        value = get(role)
+        if value not in (None, ""):
+            setattr(rec, role, str(value))
+
+
 def reader(kind: str):
     if kind not in READERS:
         raise KeyError(f"unknown source kind '{kind}'; kinds: {sorted(READERS)}")

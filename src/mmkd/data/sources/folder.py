@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 from typing import Iterator
 
-from mmkd.data.sources import RawRecord, inside, source_root
+from mmkd.data.sources import RawRecord, inside, source_root, take_metadata
 from mmkd.data.sources.files import load_pixels  # noqa: F401  (the reader interface)
 
 DECODES_BYTES = True
@@ -43,9 +43,7 @@ def iter_records(spec, data_root: Path) -> Iterator[RawRecord]:
             continue
         if isinstance(meta, dict):
             rec.id = str(meta["id"]) if meta.get("id") else None
-            for role in ("modality", "split", "group", "licence"):
-                if meta.get(role):
-                    setattr(rec, role, str(meta[role]))
+            take_metadata(rec, meta.get)
             rec.labels = meta.get("labels") if isinstance(meta.get("labels"), dict) else {}
         rec.loc = {"path": str(path), "rel": rel}
         yield rec

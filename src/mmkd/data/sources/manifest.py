@@ -13,7 +13,7 @@ import json
 from pathlib import Path
 from typing import Iterator
 
-from mmkd.data.sources import RawRecord, source_root
+from mmkd.data.sources import RawRecord, source_root, take_metadata
 from mmkd.data.sources.files import load_pixels  # noqa: F401  (the reader interface)
 
 DECODES_BYTES = True
@@ -100,10 +100,7 @@ def _record(spec, root: Path, line: int, row, problem: str | None, cols: dict) -
         rec.problem = f"field '{cols['labels']}' must be an object"
         return rec
     rec.caption, rec.labels = caption, dict(labels or {})
-    for role in ("modality", "split", "group", "licence"):
-        value = get(role)
-        if value not in (None, ""):
-            setattr(rec, role, str(value))
+    take_metadata(rec, get)
     rec.key = rec.id or image
     rec.origin = image
     # the decoding worker refuses paths that resolve outside root before reading them

@@ -11,7 +11,7 @@ import tarfile
 from pathlib import Path
 from typing import Iterator
 
-from mmkd.data.sources import RawRecord, source_root
+from mmkd.data.sources import RawRecord, source_root, take_metadata
 from mmkd.data.sources.files import load_pixels  # noqa: F401  (the reader interface)
 
 DECODES_BYTES = True
@@ -96,9 +96,7 @@ def _record(spec, shard: Path, tar: tarfile.TarFile, key: str, members: dict) ->
     m = members[image_ext]
     rec.caption = caption
     rec.id = str(meta[cols["id"]]) if meta.get(cols["id"]) not in (None, "") else None
-    for role in ("modality", "split", "group", "licence"):
-        if meta.get(cols[role]) not in (None, ""):
-            setattr(rec, role, str(meta[cols[role]]))
+    take_metadata(rec, lambda role: meta.get(cols[role]))
     labels = meta.get("labels")
     rec.labels = labels if isinstance(labels, dict) else {}
     rec.loc = {"tar": str(shard), "offset": m.offset_data, "size": m.size, "member": m.name}
