@@ -31,7 +31,7 @@ test: install
 	PATH=$(CURDIR)/$(BIN):$$PATH $(BIN)/python -m pytest -q
 
 smoke: install
-	PATH=$(CURDIR)/$(BIN):$$PATH PREFECT_HOME=$${PREFECT_HOME:-$(CURDIR)/.prefect} $(BIN)/mmkd run --profile smoke --root $${ROOT:-/tmp/mmkd-smoke}
+	PATH=$(CURDIR)/$(BIN):$$PATH PREFECT_HOME=$${PREFECT_HOME:-$(CURDIR)/.prefect} $(BIN)/mmkd run --profile smoke --root $${ROOT:-/tmp/mmkd-smoke} --params $(CURDIR)/params.yaml
 
 dvc-repro: install
 	PATH=$(CURDIR)/$(BIN):$$PATH $(BIN)/dvc repro
