@@ -280,3 +280,13 @@ def test_scrub_and_modality_rules():
     assert resolve_modality("MR", "x") == ("mri", "source")
     assert resolve_modality(None, "Fundus photograph of the optic disc") == ("fundus", "caption")
     assert resolve_modality("PET", "CT and MRI of the head") == ("unknown", "none")   # a tie is not a guess
+
+
+def test_a_rerun_that_reuses_everything_leaves_the_store_byte_identical(corpus, tmp_path):
+    """What DVC hashes must not depend on whether a run decoded or reused: else every later stage re-runs."""
+    out = tmp_path / "c"
+    first = curate(corpus, out, _cfg())
+    files = {p.relative_to(out): _md5(p) for p in sorted(out.rglob("*")) if p.is_file()}
+    again = curate(corpus, out, _cfg())
+    assert (first["decoded"], again["decoded"], again["reused"]) == (first["kept"], 0, first["kept"])
+    assert {p.relative_to(out): _md5(p) for p in sorted(out.rglob("*")) if p.is_file()} == files

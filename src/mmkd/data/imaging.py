@@ -104,14 +104,11 @@ def _dct_matrix(n: int) -> np.ndarray:
 _DCT32 = _dct_matrix(32)
 
 
-def perceptual_hashes(rgb: np.ndarray) -> tuple[int, int]:
-    """(pHash, dHash), 64 bits each: low DCT frequencies vs their median; horizontal gradient signs."""
+def perceptual_hash(rgb: np.ndarray) -> int:
+    """64-bit pHash: the 8x8 lowest DCT frequencies of a 32x32 grey image against their median."""
     g = _gray(rgb, (32, 32))
     low = (_DCT32 @ g @ _DCT32.T)[:8, :8].flatten()
-    p = low > np.median(low[1:])
-    d9 = _gray(rgb, (9, 8))
-    d = (d9[:, 1:] > d9[:, :-1]).flatten()
-    return _bits(p), _bits(d)
+    return _bits(low > np.median(low[1:]))
 
 
 def _bits(flags: np.ndarray) -> int:

@@ -18,8 +18,7 @@ def curation_report(curated_dir: Path) -> str:
     records = read_manifest(curated_dir / "manifest.jsonl")
     quarantine = read_manifest(curated_dir / "quarantine.jsonl")
     lines = [f"curated store {curated_dir}: {summary['kept']} kept, {summary['quarantined']} quarantined of "
-             f"{summary['input_records']} records; {summary['shards']} shards; last run decoded "
-             f"{summary['decoded']}, reused {summary['reused']}"]
+             f"{summary['input_records']} records; {summary['shards']} shards"]
 
     def table(title: str, counts: Counter) -> None:
         lines.append(f"\n{title}")

@@ -7,7 +7,9 @@ PNG encoding, caption scrubbing) happens here, and the curating process only dec
 from __future__ import annotations
 
 import hashlib
+import io
 import json
+import os
 from collections import deque
 from concurrent.futures import ProcessPoolExecutor
 from functools import lru_cache
@@ -40,7 +42,7 @@ def init(cfg, known: frozenset[str]) -> None:
 
 @lru_cache(maxsize=4)
 def _file_digest(path: str, size: int, mtime: int) -> str:
-    """Whole-file hash, cached: a volume or multi-frame file yields many records."""
+    """Whole-file hash, cached by (path, size, mtime): a volume or multi-frame file yields many records."""
     h = hashlib.blake2b(digest_size=16)
     with open(path, "rb") as fh:
         for block in iter(lambda: fh.read(1 << 20), b""):
@@ -57,7 +59,6 @@ def fingerprint(rec: RawRecord) -> tuple[str, bytes | None]:
             data = raw_bytes(rec.loc)
             h.update(data)
         elif "path" in rec.loc:
-            import os
             st = os.stat(rec.loc["path"])
             h.update(_file_digest(rec.loc["path"], st.st_size, st.st_mtime_ns).encode())
     except (RecordError, OSError):
@@ -98,7 +99,7 @@ def process(rec: RawRecord) -> dict:
     keep_original = (data is not None and stored is rgb and _plain_original(data))
     gray = bool(np.array_equal(stored[..., 0], stored[..., 1]) and np.array_equal(stored[..., 0], stored[..., 2]))
     payload, ext = (data, keep_original) if keep_original else (imaging.encode_png(stored[..., 0] if gray else stored), "png")
-    phash, _ = imaging.perceptual_hashes(rgb)
+    phash = imaging.perceptual_hash(rgb)
     thumb = np.asarray(Image.fromarray(rgb).convert("L").resize((THUMB, THUMB), Image.BILINEAR), dtype=np.uint8)
     views = {size: imaging.square_view(stored, size) for size in cfg.decoded_sizes}
     key = imaging.content_hash(rgb)
@@ -112,8 +113,6 @@ def process(rec: RawRecord) -> dict:
 
 def _plain_original(data: bytes) -> str | bool:
     """'png' / 'jpg' when the original bytes decode to exactly the stored pixels (8-bit RGB or gray, upright)."""
-    import io
-
     with Image.open(io.BytesIO(data)) as im:
         if im.mode not in ("RGB", "L") or im.getexif().get(0x0112, 1) != 1:
             return False
