@@ -70,7 +70,8 @@ class Previous:
                 for line in fh:
                     entry = json.loads(line)
                     if entry.get("fingerprint"):
-                        self.db.execute("INSERT OR REPLACE INTO prev VALUES (?, ?, ?, 0)", (entry["fingerprint"], kept, line))
+                        self.db.execute("INSERT OR REPLACE INTO prev VALUES (?, ?, ?, 0)",
+                                        (entry["fingerprint"], kept, line))
                         if kept:
                             self.kept += 1
                             self.shards.add(entry["shard"])
@@ -163,8 +164,8 @@ def _run(data_root: Path, out_dir: Path, cfg: CurateCfg, prev: Previous) -> dict
                 was_kept, line = prev.take(fp)
                 if was_kept:
                     entry = json.loads(line)
-                    index.add(entry["id"], entry["origin"], entry["key"], int(entry["phash"], 16), prev.thumb(entry),
-                              entry["group"], entry["split"])
+                    index.add(entry["id"], f"{entry['source']}:{entry['origin']}", entry["key"],
+                              int(entry["phash"], 16), prev.thumb(entry), entry["group"], entry["split"])
                     man.write(line)
                     count(entry)
                 else:

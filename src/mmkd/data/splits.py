@@ -27,7 +27,8 @@ def hashed_split(token: str, fractions: dict[str, float]) -> str:
     return next(s for s in reversed(SPLITS) if fractions.get(s, 0.0) > 0)
 
 
-def assign_split(declared: str | None, group_split: str | None, token: str, fractions: dict[str, float]) -> tuple[str, str]:
+def assign_split(declared: str | None, group_split: str | None, token: str,
+                 fractions: dict[str, float]) -> tuple[str, str]:
     """(split, how). A group already placed keeps its split; else the declared split; else a hashed one."""
     if group_split is not None:
         return group_split, ("group" if declared in (None, group_split) else f"group (declared {declared})")

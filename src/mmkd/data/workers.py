@@ -98,7 +98,10 @@ def process(rec: RawRecord) -> dict:
     stored = imaging.fit_side(rgb, cfg.max_side)
     keep_original = (data is not None and stored is rgb and _plain_original(data))
     gray = bool(np.array_equal(stored[..., 0], stored[..., 1]) and np.array_equal(stored[..., 0], stored[..., 2]))
-    payload, ext = (data, keep_original) if keep_original else (imaging.encode_png(stored[..., 0] if gray else stored), "png")
+    if keep_original:
+        payload, ext = data, keep_original
+    else:  # grey stays one channel: a third of the bytes
+        payload, ext = imaging.encode_png(stored[..., 0] if gray else stored), "png"
     phash = imaging.perceptual_hash(rgb)
     thumb = np.asarray(Image.fromarray(rgb).convert("L").resize((THUMB, THUMB), Image.BILINEAR), dtype=np.uint8)
     views = {size: imaging.square_view(stored, size) for size in cfg.decoded_sizes}
