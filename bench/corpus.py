@@ -15,6 +15,11 @@ from mmkd.data.synth import generate
 REPO = Path(__file__).resolve().parents[1]
 
 
+def curate_params(**overrides):
+    """The default profile's curate section of params.yaml, with overrides: what `make run` curates with."""
+    return load_params(REPO / "params.yaml", "default").curate.model_copy(update=overrides)
+
+
 def embedded(root: Path, scale: float = 1.0) -> dict:
     """The default profile's synthetic corpus with every split `scale` times as large."""
     cfg = load_params(REPO / "params.yaml", "default").synth

@@ -14,9 +14,8 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from corpus import append_embedded, embedded  # noqa: E402
+from corpus import append_embedded, curate_params, embedded  # noqa: E402
 
-from mmkd.config import CurateCfg  # noqa: E402
 from mmkd.data.curate import curate  # noqa: E402
 
 
@@ -31,7 +30,7 @@ def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="mmkd-bench-"))
     try:
         info = embedded(work / "data")
-        cfg = CurateCfg(workers=2)
+        cfg = curate_params(workers=2, incremental=True)
         t0 = time.perf_counter()
         full = curate(work / "data", work / "curated", cfg)
         full_s = time.perf_counter() - t0

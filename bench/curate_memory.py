@@ -16,13 +16,13 @@ import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from corpus import embedded  # noqa: E402
+from corpus import REPO, embedded  # noqa: E402
 
 CHILD = """
 import json, resource, sys, threading, time
 from pathlib import Path
 import psutil
-from mmkd.config import CurateCfg
+from mmkd.config import load_params
 from mmkd.data.curate import curate
 
 peak, done = {"kib": 0}, threading.Event()
@@ -39,7 +39,8 @@ def sample():  # the decoding workers are forked by a fork server, not by us: sa
 
 threading.Thread(target=sample, daemon=True).start()
 t0 = time.perf_counter()
-s = curate(Path(sys.argv[1]), Path(sys.argv[2]), CurateCfg(workers=2, incremental=False))
+cfg = load_params(sys.argv[3], "default").curate.model_copy(update={"workers": 2, "incremental": False})
+s = curate(Path(sys.argv[1]), Path(sys.argv[2]), cfg)
 done.set()
 print(json.dumps({"kept": s["kept"], "seconds": time.perf_counter() - t0,
                   "main_kib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, "worker_kib": peak["kib"]}))
@@ -50,8 +51,8 @@ def measure(data: Path, out: Path) -> dict:
     code = "if __name__ == '__main__':\n" + "\n".join("    " + line for line in CHILD.strip().splitlines())
     script = out.parent / f"measure_{out.name}.py"
     script.write_text(code)  # a file, not -c: the fork server re-imports the main module
-    res = subprocess.run([sys.executable, str(script), str(data), str(out)], check=True, capture_output=True,
-                         text=True)
+    res = subprocess.run([sys.executable, str(script), str(data), str(out), str(REPO / "params.yaml")], check=True,
+                         capture_output=True, text=True)
     return json.loads(res.stdout.strip().splitlines()[-1])
 
 

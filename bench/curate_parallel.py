@@ -13,9 +13,9 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from corpus import large_images  # noqa: E402
+from corpus import curate_params, large_images  # noqa: E402
 
-from mmkd.config import CurateCfg, SourceCfg  # noqa: E402
+from mmkd.config import SourceCfg  # noqa: E402
 from mmkd.data.curate import curate  # noqa: E402
 
 
@@ -31,8 +31,8 @@ def main() -> None:
         best = {1: 0.0, 2: 0.0}
         for r in range(args.rounds):
             for workers in (1, 2):
-                cfg = CurateCfg(sources=[SourceCfg(name="figs", kind="manifest", path="manifest.jsonl",
-                                                   modality="pathology")], workers=workers, incremental=False)
+                cfg = curate_params(sources=[SourceCfg(name="figs", kind="manifest", path="manifest.jsonl",
+                                                       modality="pathology")], workers=workers, incremental=False)
                 out = work / f"out{workers}"
                 shutil.rmtree(out, ignore_errors=True)
                 t0 = time.perf_counter()
