@@ -46,7 +46,7 @@ class SynthCfg(Strict):
         return v
 
 
-SOURCE_KINDS = ("synthetic", "manifest", "webdataset", "folder", "dicom", "nifti")
+COLUMN_ROLES = ("id", "image", "caption", "modality", "split", "group", "labels", "licence")
 
 
 class SourceCfg(Strict):
@@ -74,9 +74,9 @@ class SourceCfg(Strict):
     @field_validator("columns")
     @classmethod
     def _known_columns(cls, v: dict[str, str]) -> dict[str, str]:
-        bad = sorted(set(v) - {"id", "image", "caption", "modality", "split", "group", "labels", "licence"})
+        bad = sorted(set(v) - set(COLUMN_ROLES))
         if bad:
-            raise ValueError(f"unknown column roles {bad}; roles: id, image, caption, modality, split, group, labels, licence")
+            raise ValueError(f"unknown column roles {bad}; roles: {', '.join(COLUMN_ROLES)}")
         return v
 
 

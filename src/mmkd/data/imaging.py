@@ -69,8 +69,7 @@ def to_rgb8(im: Image.Image, highbit_percentiles: tuple[float, float] = (0.0, 10
     """8-bit RGB pixels of any PIL mode: high-bit-depth data is windowed (never clipped at 255), CMYK converted."""
     im = ImageOps.exif_transpose(im)
     if im.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
-        gray = percentile_window(np.asarray(im), highbit_percentiles)
-        return np.repeat(gray[..., None], 3, axis=2)
+        return gray_to_rgb(percentile_window(np.asarray(im), highbit_percentiles))
     if im.mode in ("RGBA", "LA", "PA") or (im.mode == "P" and "transparency" in im.info):
         im = im.convert("RGBA")
         background = Image.new("RGBA", im.size, (0, 0, 0, 255))  # transparent areas become black, not garbage

@@ -13,8 +13,14 @@ import tempfile
 from pathlib import Path
 
 import numpy as np
+from PIL import Image
 
 THUMB = 32
+
+
+def thumbnail(rgb: np.ndarray) -> np.ndarray:
+    """The 32x32 grey thumbnail near-duplicates are confirmed on."""
+    return np.asarray(Image.fromarray(rgb).convert("L").resize((THUMB, THUMB), Image.BILINEAR), dtype=np.uint8)
 
 
 def _bands(phash: int, bits: int) -> list[int]:

@@ -23,6 +23,7 @@ import numpy as np
 from PIL import Image
 
 from mmkd.data.imaging import square_view
+from mmkd.data.index import THUMB
 from mmkd.data.manifest import read_manifest
 from mmkd.data.splits import SPLITS
 
@@ -92,7 +93,7 @@ class ShardWriter:
         self.offset = self.rows = 0
         self.views = {s: NpyAppender(self.root / "decoded" / str(s) / f"{self.name}.npy.tmp", (s, s, 3))
                       for s in self.sizes}
-        self.thumbs = NpyAppender(self.root / "thumbs" / f"{self.name}.npy.tmp", (32, 32))
+        self.thumbs = NpyAppender(self.root / "thumbs" / f"{self.name}.npy.tmp", (THUMB, THUMB))
 
     def add(self, key: str, members: bytes, image_at: int, size: int, ext: str, meta: dict, views: dict, thumb) -> dict:
         """Append one sample: its prebuilt image+caption members (sample_members), then its metadata member."""
@@ -221,12 +222,18 @@ def split_records(curated_dir: Path, split: str) -> list[dict]:
 
 
 def load_curated(curated_dir: Path, split: str, size: int | None = None):
-    """(records, images) of one split at `size` px (square). Images come from the decoded views, memory-mapped,
-    when curation wrote that size (size None: the first of curate.decoded_sizes), else from the shards."""
-    curated_dir = Path(curated_dir)
+    """(records, images) of one split at `size` px (square); see open_images."""
     if split not in SPLITS:
         raise KeyError(f"unknown split '{split}'; splits: {list(SPLITS)}")
     records = split_records(curated_dir, split)
+    return records, open_images(curated_dir, records, size)
+
+
+def open_images(curated_dir: Path, records: list[dict], size: int | None = None) -> SplitImages:
+    """The images of one split's records (from split_records) at `size` px. They come from the decoded views,
+    memory-mapped, when curation wrote that size (size None: the first of curate.decoded_sizes), else from
+    the shards."""
+    curated_dir = Path(curated_dir)
     summary = json.loads((curated_dir / "summary.json").read_text())
     decoded = summary.get("decoded_sizes") or []
     if size is None:
@@ -234,7 +241,7 @@ def load_curated(curated_dir: Path, split: str, size: int | None = None):
             raise CurationError(f"{curated_dir}: no decoded views (curate.decoded_sizes is empty); pass a size")
         size = decoded[0]
     if size not in decoded:
-        return records, ShardImages(curated_dir, records, size)
+        return ShardImages(curated_dir, records, size)
     parts, counts = [], {}
     for r in records:
         counts[r["shard"]] = counts.get(r["shard"], 0) + 1
@@ -243,4 +250,4 @@ def load_curated(curated_dir: Path, split: str, size: int | None = None):
         if len(view) != n:
             raise CurationError(f"{curated_dir}: shard {shard} has {len(view)} decoded rows, manifest {n}")
         parts.append(view)
-    return records, SplitImages(parts)
+    return SplitImages(parts)

@@ -24,7 +24,7 @@ from PIL import Image
 from mmkd.data import imaging
 from mmkd.data.clean import normalise_caption, resolve_modality, scrub
 from mmkd.data.imaging import RecordError
-from mmkd.data.index import THUMB
+from mmkd.data.index import thumbnail
 from mmkd.data.sources import RawRecord, inside, reader
 from mmkd.data.sources.files import decode_bytes, raw_bytes
 from mmkd.data.splits import SPLITS
@@ -103,7 +103,7 @@ def process(rec: RawRecord) -> dict:
     else:  # grey stays one channel: a third of the bytes
         payload, ext = imaging.encode_png(stored[..., 0] if gray else stored), "png"
     phash = imaging.perceptual_hash(rgb)
-    thumb = np.asarray(Image.fromarray(rgb).convert("L").resize((THUMB, THUMB), Image.BILINEAR), dtype=np.uint8)
+    thumb = thumbnail(rgb)
     views = {size: imaging.square_view(stored, size) for size in cfg.decoded_sizes}
     key = imaging.content_hash(rgb)
     members, image_at = sample_members(key, payload, ext, caption)

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 
-from mmkd.data.store import load_curated, split_records
+from mmkd.data.store import open_images, split_records
 from mmkd.evaluation.metrics import class_embeddings, linear_probe, retrieval, zero_shot
 from mmkd.models.encoder import ClipEncoder
 
@@ -29,7 +29,7 @@ class Candidate:
 def _split_embeddings(c: Candidate, split: str, records, curated_dir: Path, batch: int) -> tuple[np.ndarray, np.ndarray]:
     if c.cached and split in c.cached:
         return c.cached[split]["image"], c.cached[split]["text"]
-    images = load_curated(curated_dir, split, c.encoder.spec.size)[1]  # at the model's own input size
+    images = open_images(curated_dir, records, c.encoder.spec.size)  # at the model's own input size
     return c.encoder.encode_images(images, batch), c.encoder.encode_texts([r["caption"] for r in records], batch)
 
 

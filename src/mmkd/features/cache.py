@@ -10,7 +10,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from mmkd.config import TeacherSpec
-from mmkd.data.store import load_curated, split_records
+from mmkd.data.store import open_images, split_records
 from mmkd.data.splits import SPLITS
 from mmkd.features.projector import save_projector, train_projector
 from mmkd.models.encoder import ClipEncoder
@@ -36,7 +36,7 @@ def build_cache(curated_dir: Path, features_dir: Path, teachers: list[tuple[Teac
         index["splits"][split] = [r["id"] for r in records]
         captions = [r["caption"] for r in records]
         for spec, enc in teachers:
-            images = load_curated(curated_dir, split, enc.spec.size)[1]  # each teacher at its own input size
+            images = open_images(curated_dir, records, enc.spec.size)  # each teacher at its own input size
             img = torch.from_numpy(enc.encode_images(images, batch_size))
             txt = torch.from_numpy(enc.encode_texts(captions, batch_size))
             raw.setdefault(spec.name, {})[split] = {"image": img, "text": txt}

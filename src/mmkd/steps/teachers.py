@@ -10,7 +10,7 @@ from mmkd.steps.common import Context, _device, _metric_logger, StepRun
 
 
 def step_teachers(ctx: Context, run: StepRun) -> dict:
-    from mmkd.data.store import load_curated, split_records
+    from mmkd.data.store import open_images, split_records
     from mmkd.models.factory import input_size
     from mmkd.training.clip import train_clip
 
@@ -26,7 +26,7 @@ def step_teachers(ctx: Context, run: StepRun) -> dict:
         rows = np.array([j for j, r in enumerate(records) if r["modality"] in spec.modalities])
         if len(rows) < 2:
             raise ValueError(f"teacher '{spec.name}': only {len(rows)} curated train pairs in {spec.modalities}")
-        images = load_curated(ws.curated, "train", input_size(spec.model))[1]  # at the teacher's own input size
+        images = open_images(ws.curated, records, input_size(spec.model))  # at the teacher's own input size
         hist = train_clip(spec.model, images.subset(rows), [records[j]["caption"] for j in rows], p.teachers.train,
                           p.seed + 100 + i, _device(ctx), ws.teachers / spec.name, f"teacher {spec.name}",
                           _metric_logger(run, spec.name), {"teacher": spec.name, "modalities": spec.modalities})

@@ -13,11 +13,11 @@ import json
 from pathlib import Path
 from typing import Iterator
 
+from mmkd.config import COLUMN_ROLES
 from mmkd.data.sources import RawRecord, source_root, take_metadata
 from mmkd.data.sources.files import load_pixels  # noqa: F401  (the reader interface)
 
 DECODES_BYTES = True
-ROLES = ("id", "image", "caption", "modality", "split", "group", "labels", "licence")
 
 
 def manifest_file(spec, data_root: Path) -> Path:
@@ -32,7 +32,7 @@ def manifest_file(spec, data_root: Path) -> Path:
 def iter_records(spec, data_root: Path) -> Iterator[RawRecord]:
     path = manifest_file(spec, data_root)
     fmt = spec.format or ("csv" if path.suffix.lower() in (".csv", ".tsv") else "jsonl")
-    cols = {role: spec.columns.get(role, role) for role in ROLES}
+    cols = {role: spec.columns.get(role, role) for role in COLUMN_ROLES}
     rows = _csv_rows(path, spec) if fmt == "csv" else _jsonl_rows(path)
     for line, row, problem in rows:
         yield _record(spec, path.parent, line, row, problem, cols)
