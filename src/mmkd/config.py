@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 MODALITIES = (
     "xray", "ct", "mri", "ultrasound", "pathology", "dermatology", "fundus", "oct", "endoscopy",
@@ -146,15 +146,36 @@ class TrainCfg(Strict):
     augment: bool = True
 
 
-class TeacherSpec(Strict):
-    """One registry entry. `source` picks the loading family."""
+class PreprocessCfg(Strict):
+    """Image preprocessing overrides; unset fields come from the model's own config (open_clip / HF processor)."""
 
-    name: str
-    source: Literal["embedded", "open_clip", "open_clip_hub", "hf_clip"] = "embedded"
-    model: str = Field(..., description="open_clip model config name, hub id, or HF repo/folder")
-    checkpoint: str | None = Field(None, description="local weights for open_clip sources")
+    size: int | None = Field(None, ge=8)
+    mean: tuple[float, float, float] | None = None
+    std: tuple[float, float, float] | None = None
+    interpolation: Literal["bicubic", "bilinear", "nearest"] | None = None
+    resize_mode: Literal["shortest", "longest", "squash"] | None = Field(
+        None, description="shortest: resize the short side + centre crop (CLIP); longest: fit + pad; squash: stretch")
+
+
+LOADERS = ("embedded", "open_clip", "hf_clip", "adapter")
+
+
+class TeacherSpec(Strict):
+    """One registry entry (docs/teachers.md). `loader` picks the family; `source` says where the weights are."""
+
+    name: str = Field(..., pattern=r"^[A-Za-z0-9_.-]+$")
+    loader: Literal["embedded", "open_clip", "hf_clip", "adapter"] = "embedded"
+    adapter: str | None = Field(None, description="loader adapter: the bespoke family (pmc_clip, medclip)")
+    source: str | None = Field(None, description="hf-hub:org/name, a local folder (hub layout) or a checkpoint file; "
+                                                 "embedded: default artifacts/teachers/NAME")
+    model: str | None = Field(None, description="open_clip config name (embedded; open_clip with a checkpoint file)")
+    text_model: str | None = Field(None, description="local folder of the Hugging Face text model (config.json + "
+                                                     "tokenizer) when the checkpoint refers to a hub id")
+    version: str | None = Field(None, description="teacher version for the feature store (default: hash of the weights)")
+    preprocess: PreprocessCfg = PreprocessCfg()
+    context_length: int | None = Field(None, ge=1)
+    embed_dim: int | None = Field(None, ge=1, description="expected embedding dim; checked at load time")
     modalities: list[str] = Field(default_factory=lambda: list(MODALITIES))
-    context_length: int | None = None
 
     @field_validator("modalities")
     @classmethod
@@ -163,6 +184,20 @@ class TeacherSpec(Strict):
         if bad:
             raise ValueError(f"unknown modalities {bad}")
         return v
+
+    @model_validator(mode="after")
+    def _complete(self) -> "TeacherSpec":
+        if self.loader == "embedded" and not self.model:
+            raise ValueError(f"teacher '{self.name}': loader embedded needs `model` (an mmkd config name)")
+        if self.loader in ("hf_clip", "adapter") and not self.source:
+            raise ValueError(f"teacher '{self.name}': loader {self.loader} needs `source` (a local folder or hub id)")
+        if self.loader == "open_clip" and not self.source and not self.model:
+            raise ValueError(f"teacher '{self.name}': loader open_clip needs `source` (hf-hub:..., folder, checkpoint)")
+        if self.loader == "adapter" and not self.adapter:
+            raise ValueError(f"teacher '{self.name}': loader adapter needs `adapter` (e.g. pmc_clip, medclip)")
+        if self.adapter and self.loader != "adapter":
+            raise ValueError(f"teacher '{self.name}': `adapter` is only used with loader: adapter")
+        return self
 
 
 class TeachersCfg(Strict):

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import logging
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -13,9 +12,9 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
+from mmkd.models.preprocess import OPENAI_MEAN, OPENAI_STD, ImageSpec, spec_from_open_clip
+
 CONFIG_DIR = Path(__file__).parent / "model_configs"
-OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
-OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
 _registered = False
 
 
@@ -88,20 +87,15 @@ def load_checkpoint(folder: Path, device: str | torch.device = "cpu") -> tuple[t
     return model, meta
 
 
-@dataclass
-class ImageSpec:
-    size: int
-    mean: tuple[float, float, float] = OPENAI_MEAN
-    std: tuple[float, float, float] = OPENAI_STD
-
-
 def image_spec(model: torch.nn.Module) -> ImageSpec:
+    """An open_clip model's preprocessing, from its own preprocess_cfg (size, mean/std, interpolation, resize)."""
     visual = model.visual
+    cfg = dict(getattr(visual, "preprocess_cfg", None) or {})
     size = visual.image_size
-    size = size[0] if isinstance(size, (tuple, list)) else int(size)
-    mean = tuple(getattr(visual, "image_mean", None) or OPENAI_MEAN)
-    std = tuple(getattr(visual, "image_std", None) or OPENAI_STD)
-    return ImageSpec(size, mean, std)
+    cfg["size"] = size[0] if isinstance(size, (tuple, list)) else int(size)
+    cfg.setdefault("mean", getattr(visual, "image_mean", None) or OPENAI_MEAN)
+    cfg.setdefault("std", getattr(visual, "image_std", None) or OPENAI_STD)
+    return spec_from_open_clip(cfg)
 
 
 def to_tensor(images: np.ndarray, spec: ImageSpec, device, augment: bool = False,
@@ -123,7 +117,9 @@ def to_tensor(images: np.ndarray, spec: ImageSpec, device, augment: bool = False
         grid = F.affine_grid(theta.to(device), (n, 3, spec.size, spec.size), align_corners=False)
         x = F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
     elif x.shape[-1] != spec.size or x.shape[-2] != spec.size:
-        x = F.interpolate(x, size=(spec.size, spec.size), mode="bicubic", align_corners=False).clamp(0, 1)
+        mode = "bicubic" if spec.interpolation == "bicubic" else spec.interpolation
+        x = F.interpolate(x, size=(spec.size, spec.size), mode=mode,
+                          **({} if mode == "nearest" else {"align_corners": False})).clamp(0, 1)
     mean = torch.tensor(spec.mean, device=device).view(1, 3, 1, 1)
     std = torch.tensor(spec.std, device=device).view(1, 3, 1, 1)
     return (x - mean) / std

@@ -1,0 +1,4 @@
+"""Placeholder: being written."""
+def load(spec, teachers_dir, device):
+    from mmkd.teachers.registry import TeacherLoadError
+    raise TeacherLoadError(f"teacher '{spec.name}': loader hf_clip not written yet")
