@@ -7,6 +7,7 @@ import time
 from prefect import flow, get_run_logger
 
 from mmkd.steps import Context, finish_pipeline, start_pipeline
+from tasks.align import align
 from tasks.cache_features import cache_features
 from tasks.curate import curate
 from tasks.distill import distill
@@ -17,7 +18,7 @@ from tasks.synth import synth
 from tasks.teachers import teachers
 from tasks.validate import validate
 
-PIPELINE_TASKS = (curate, validate, teachers, cache_features, pretrain, distill, evaluate, register)
+PIPELINE_TASKS = (curate, validate, teachers, cache_features, align, pretrain, distill, evaluate, register)
 
 
 @flow(name="retrain", log_prints=True)

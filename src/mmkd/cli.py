@@ -14,6 +14,8 @@ from mmkd.config import ConfigError
 app = typer.Typer(add_completion=False, help="MMKD-CLIP: distil several biomedical CLIP teachers into one student.")
 data_app = typer.Typer(help="Raw data (the DVC-tracked data/ folder).")
 app.add_typer(data_app, name="data")
+features_app = typer.Typer(help="The teacher feature store (artifacts/features/).")
+app.add_typer(features_app, name="features")
 
 RootOpt = typer.Option(Path("."), "--root", help="workspace root (holds params.yaml, data/, artifacts/, reports/)")
 ParamsOpt = typer.Option(None, "--params", help="parameters file (default: ROOT/params.yaml)")
@@ -62,8 +64,47 @@ def data_report(root: Path = RootOpt, params: Optional[Path] = ParamsOpt, profil
         raise typer.Exit(1)
 
 
+@features_app.command("stats")
+def features_stats(root: Path = RootOpt, params: Optional[Path] = ParamsOpt, profile: Optional[str] = ProfileOpt,
+                   as_json: bool = typer.Option(False, "--json", help="machine-readable output")):
+    """Coverage of each curated split per teacher, rows, shards and size on disk of the feature stores."""
+    import numpy as np
+
+    from mmkd.data.splits import SPLITS
+    from mmkd.data.store import split_records
+    from mmkd.features.store import FeatureError, FeatureStore
+
+    ctx = _context(root, params, profile)
+    keys = {}
+    if (ctx.ws.curated / "manifest.jsonl").exists():
+        keys = {s: np.array([r["key"] for r in split_records(ctx.ws.curated, s)], dtype="S32") for s in SPLITS}
+    out = {}
+    for label, folder in (("teachers", ctx.ws.teacher_features), ("aligned", ctx.ws.aligned_features)):
+        try:
+            store = FeatureStore(folder)
+        except FeatureError as exc:
+            out[label] = {"error": str(exc)}
+            continue
+        out[label] = store.stats(keys)
+        store.close()
+    if as_json:
+        typer.echo(json.dumps(out, indent=1))
+        return
+    for label, st in out.items():
+        if "error" in st:
+            typer.echo(f"{label}: {st['error']}")
+            continue
+        typer.echo(f"{label} store {st['root']}: {st['shards']} shards, {st['bytes'] / 2**20:.1f} MiB")
+        typer.echo("  teacher          version                       dim  dtype     rows  shards  MiB    "
+                   + "  ".join(f"{s:>6}" for s in keys))
+        for e in st["sets"]:
+            cov = "  ".join(f"{e['coverage'][s]:>6.1%}" for s in keys) if keys else ""
+            typer.echo(f"  {e['teacher']:<16} {e['version']:<29} {e['dim']:>4} {e['dtype']:<8} {e['rows']:>6} "
+                       f"{e['shards']:>6} {e['bytes'] / 2**20:>6.1f}  {cov}")
+
+
 @app.command("stage")
-def stage(name: str = typer.Argument(..., help="curate|validate|teachers|cache_features|pretrain|distill|evaluate|register"),
+def stage(name: str = typer.Argument(..., help="curate|validate|teachers|cache_features|align|pretrain|distill|evaluate|register"),
           root: Path = RootOpt, params: Optional[Path] = ParamsOpt, profile: Optional[str] = ProfileOpt):
     """Run one pipeline step (what each DVC stage calls)."""
     _setup_logging()
@@ -72,7 +113,13 @@ def stage(name: str = typer.Argument(..., help="curate|validate|teachers|cache_f
     if name not in PIPELINE:
         typer.echo(f"unknown stage '{name}'; stages: {', '.join(PIPELINE)}", err=True)
         raise typer.Exit(2)
-    result = run_step(name, _context(root, params, profile))
+    ctx = _context(root, params, profile)
+    if name == "cache_features" and ctx.params.features.executor == "dask":
+        from tasks.cache_features import cache_features  # units on a Dask cluster through Prefect's task runner
+
+        result = cache_features(str(ctx.ws.root), str(ctx.params_path), ctx.params.profile, ctx.parent_run_id)
+    else:
+        result = run_step(name, ctx)
     typer.echo(json.dumps({"step": name, "seconds": result["seconds"], "run_id": result["run_id"]}))
 
 

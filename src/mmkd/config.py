@@ -216,18 +216,35 @@ class TeachersCfg(Strict):
         return v
 
 
-class ProjectorCfg(Strict):
+class DaskCfg(Strict):
+    address: str | None = Field(None, description="scheduler of an existing Dask cluster; null: a local cluster")
+    n_workers: int = Field(2, ge=1, description="local cluster: worker processes (one per GPU on a GPU node)")
+    threads_per_worker: int = Field(1, ge=1)
+
+
+class FeaturesCfg(Strict):
+    """Teacher feature caching into the feature store (src/mmkd/features/, docs/scaling.md)."""
+
+    batch_size: int = Field(256, ge=1)
+    dtype: Literal["float16", "float32"] = Field("float32", description="storage dtype; float16 halves the disk")
+    unit_records: int = Field(4096, ge=1, description="curated records per work unit = max rows of a shard")
+    coverage: Literal["all", "domain"] = Field("all", description="domain: a teacher caches only train samples "
+                                                                 "of its own modalities")
+    decode_workers: int = Field(2, ge=1, description="threads decoding images one batch ahead of the forwards")
+    executor: Literal["local", "dask"] = Field("local", description="dask: units as Prefect tasks on a Dask cluster")
+    dask: DaskCfg = DaskCfg()
+    prune_stale: bool = Field(True, description="drop features of teacher versions no longer in the registry")
+
+
+class AlignCfg(Strict):
+    """The multi-teacher autoencoder mapping each teacher's features to the student's dimension."""
+
     hidden: int = 256
     epochs: int = Field(30, ge=1)
     batch_size: int = 256
     lr: float = 1e-3
     noise_std: float = 0.01
     dropout: float = 0.2
-
-
-class FeaturesCfg(Strict):
-    batch_size: int = Field(256, ge=1)
-    projector: ProjectorCfg = ProjectorCfg()
 
 
 class PretrainCfg(Strict):
@@ -278,6 +295,7 @@ class Params(Strict):
     validate_: ValidateCfg = Field(ValidateCfg(), alias="validate")
     teachers: TeachersCfg
     features: FeaturesCfg = FeaturesCfg()
+    align: AlignCfg = AlignCfg()
     pretrain: PretrainCfg = PretrainCfg()
     distill: DistillCfg = DistillCfg()
     evaluate: EvaluateCfg = EvaluateCfg()
@@ -358,6 +376,16 @@ class Workspace:
     @property
     def features(self) -> Path:
         return self.artifacts / "features"
+
+    @property
+    def teacher_features(self) -> Path:
+        """The feature store of raw teacher embeddings (cache_features)."""
+        return self.features / "teachers"
+
+    @property
+    def aligned_features(self) -> Path:
+        """The feature store of projected, student-dimension teacher embeddings and the projector (align)."""
+        return self.features / "aligned"
 
     @property
     def stage1(self) -> Path:

@@ -1,86 +1,167 @@
-"""Owns the teacher feature cache: one safetensors file per teacher and split, rows aligned to an id index."""
+"""Owns filling the feature store: plan work units of missing (sample, teacher) pairs, run them, commit shards.
+
+A unit is a run of `unit_records` consecutive curated records (manifest order) restricted to those some teacher
+lacks; its plan file lists the records, so a unit runs anywhere (a thread, a Dask worker on another node)
+with nothing but the curated store and the teachers. Each image is decoded once, in decoding threads that work
+one batch ahead, and prepared at every needed teacher's own preprocessing; the teachers' forward passes run
+in the calling thread. Units are deterministic (same records, same batches), so a resumed run writes the
+same features an uninterrupted one would.
+"""
 
 from __future__ import annotations
 
+import hashlib
+import io
 import json
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable, Iterator
 
 import numpy as np
-import torch
-from safetensors.torch import load_file, save_file
+from PIL import Image
 
-from mmkd.config import TeacherSpec
-from mmkd.data.store import open_images, split_records
-from mmkd.data.splits import SPLITS
-from mmkd.features.projector import save_projector, train_projector
-from mmkd.models.encoder import ClipEncoder
+from mmkd.features.store import FeatureError, FeatureStore, write_shard
+from mmkd.models.encoder import Encoder
+from mmkd.models.preprocess import prepare
 
-
-class FeatureCacheError(RuntimeError):
-    """The cache is missing or does not match the curated data."""
+RECORD_FIELDS = ("id", "key", "caption", "modality", "split", "shard", "offset", "size", "ext")
 
 
-def feature_path(features_dir: Path, teacher: str, split: str) -> Path:
-    return Path(features_dir) / teacher / f"{split}.safetensors"
+@dataclass(frozen=True)
+class TeacherEntry:
+    """What planning needs to know of a teacher: its store identity and which samples it should cover."""
+
+    name: str
+    version: str
+    dim: int
+    modalities: tuple[str, ...]
+
+    def covers(self, record: dict, coverage: str) -> bool:
+        # coverage "domain": a teacher caches train samples of its own modalities only (the reference gives each
+        # sample a subset of its teachers); held-out splits are always covered, teachers are evaluated on all
+        return coverage == "all" or record["split"] != "train" or record["modality"] in self.modalities
 
 
-def build_cache(curated_dir: Path, features_dir: Path, teachers: list[tuple[TeacherSpec, ClipEncoder]],
-                latent_dim: int, projector_cfg, seed: int, batch_size: int) -> dict:
-    """Embed every curated pair with every teacher, fit the projector on train rows, store raw + projected."""
-    features_dir = Path(features_dir)
-    features_dir.mkdir(parents=True, exist_ok=True)
-    index: dict = {"splits": {}, "teachers": {}, "latent_dim": latent_dim}
-    raw: dict[str, dict[str, dict[str, torch.Tensor]]] = {}
-    for split in SPLITS:
-        records = split_records(curated_dir, split)
-        index["splits"][split] = [r["id"] for r in records]
-        captions = [r["caption"] for r in records]
-        for spec, enc in teachers:
-            images = open_images(curated_dir, records, enc.spec.size)  # each teacher at its own input size
-            img = torch.from_numpy(enc.encode_images(images, batch_size))
-            txt = torch.from_numpy(enc.encode_texts(captions, batch_size))
-            raw.setdefault(spec.name, {})[split] = {"image": img, "text": txt}
-            index["teachers"][spec.name] = {"dim": int(txt.shape[1]), "modalities": spec.modalities,
-                                            "source": spec.source, "model": spec.model}
-    train_rows = {t: torch.cat([s["train"]["image"], s["train"]["text"]]) for t, s in raw.items()}
-    projector, proj_metrics = train_projector(train_rows, latent_dim, projector_cfg, seed)
-    save_projector(projector, features_dir / "projector")
-    for t, per_split in raw.items():
-        for split, f in per_split.items():
-            tensors = {**f, "image_proj": projector.project(t, f["image"]), "text_proj": projector.project(t, f["text"])}
-            path = feature_path(features_dir, t, split)
-            path.parent.mkdir(parents=True, exist_ok=True)
-            save_file({k: v.contiguous().float() for k, v in tensors.items()}, path)
-    (features_dir / "index.json").write_text(json.dumps(index, indent=1))
-    stats = {"teachers": len(raw), "pairs": sum(len(v) for v in index["splits"].values()), **proj_metrics}
-    # how well each teacher's own image and caption embeddings agree, per split: a cheap sanity signal
-    for t, per_split in raw.items():
-        stats[f"pair_cosine_{t}"] = float((per_split["train"]["image"] * per_split["train"]["text"]).sum(1).mean())
-    return stats
+def iter_manifest(curated_dir: Path) -> Iterator[dict]:
+    """The curated manifest, streamed (planning never holds the corpus in memory)."""
+    with open(Path(curated_dir) / "manifest.jsonl", encoding="utf-8") as fh:
+        for line in fh:
+            if line.strip():
+                rec = json.loads(line)
+                yield {k: rec.get(k) for k in RECORD_FIELDS}
 
 
-def load_split(features_dir: Path, split: str, expected_ids: list[str]) -> dict[str, dict[str, torch.Tensor]]:
-    """teacher -> {image, text, image_proj, text_proj} for one split, checked against the curated ids."""
-    features_dir = Path(features_dir)
-    index_path = features_dir / "index.json"
-    if not index_path.exists():
-        raise FeatureCacheError(f"{features_dir}: no index.json; run the `cache_features` step first")
-    index = json.loads(index_path.read_text())
-    if index["splits"].get(split) != list(expected_ids):
-        raise FeatureCacheError(f"{features_dir}: cached {split} ids differ from the curated manifest; re-run cache_features")
-    return {t: load_file(feature_path(features_dir, t, split)) for t in index["teachers"]}
+def _chunks(it: Iterator[dict], n: int) -> Iterator[tuple[int, list[dict]]]:
+    chunk, start = [], 0
+    for i, rec in enumerate(it):
+        chunk.append(rec)
+        if len(chunk) == n:
+            yield start, chunk
+            chunk, start = [], i + 1
+    if chunk:
+        yield start, chunk
 
 
-def read_index(features_dir: Path) -> dict:
-    return json.loads((Path(features_dir) / "index.json").read_text())
+def plan_units(curated_dir: Path, store: FeatureStore, teachers: list[TeacherEntry], unit_records: int,
+               coverage: str) -> list[Path]:
+    """Write one plan file per unit that has work; returns their paths (old plans are replaced)."""
+    plans = store.root / "plans"
+    plans.mkdir(parents=True, exist_ok=True)
+    for old in plans.glob("*.json"):
+        old.unlink()
+    out = []
+    for start, chunk in _chunks(iter_manifest(curated_dir), unit_records):
+        need: dict[str, list[str]] = {}
+        for t in teachers:
+            wanted = [r["key"] for r in chunk if t.covers(r, coverage)]
+            have = store.present(t.name, t.version, wanted)
+            missing = [k for k in wanted if k not in have]
+            if missing:
+                need[t.name] = missing
+        if not need:
+            continue
+        keys = set().union(*need.values())
+        records = [r for r in chunk if r["key"] in keys]
+        digest = hashlib.sha256(json.dumps([sorted((t.name, t.version) for t in teachers), need],
+                                           sort_keys=True).encode()).hexdigest()[:10]
+        unit = f"u{start:09d}-{digest}"
+        path = plans / f"{unit}.json"
+        path.write_text(json.dumps({"unit": unit, "records": records, "need": need,
+                                    "versions": {t.name: t.version for t in teachers}}))
+        out.append(path)
+    return out
 
 
-def availability(index: dict, modalities: list[str], route_by_modality: bool) -> np.ndarray:
-    """[N, T] bool: which teachers may supervise each sample (by the teacher's declared domain, if routing)."""
-    names = list(index["teachers"])
-    mask = np.ones((len(modalities), len(names)), dtype=bool)
-    if route_by_modality:
-        for j, t in enumerate(names):
-            allowed = set(index["teachers"][t]["modalities"])
-            mask[:, j] = [m in allowed for m in modalities]
-    return mask
+def _decode(curated_dir: Path, record: dict) -> Image.Image:
+    with open(Path(curated_dir) / "shards" / f"{record['shard']}.tar", "rb") as fh:
+        fh.seek(record["offset"])
+        data = fh.read(record["size"])
+    with Image.open(io.BytesIO(data)) as im:
+        return im.convert("RGB")
+
+
+def run_unit(plan_path: Path, curated_dir: Path, store_root: Path, encoders: dict[str, Encoder], batch_size: int,
+             dtype: str, decode_workers: int = 2, progress: Callable[[int], None] | None = None) -> dict:
+    """Compute one unit's missing features and write one shard per teacher; returns what was written."""
+    plan = json.loads(Path(plan_path).read_text())
+    records, unit = plan["records"], plan["unit"]
+    need = {t: set(keys) for t, keys in plan["need"].items()}
+    for t, version in plan["versions"].items():
+        if t in need and encoders[t].version != version:
+            raise FeatureError(f"teacher '{t}': planned for version {version}, loaded {encoders[t].version}; "
+                               "re-run cache_features")
+    specs = {t: encoders[t].spec for t in need}
+    distinct = {s: None for s in specs.values()}  # teachers sharing a preprocessing share the prepared image
+
+    def prepare_batch(batch: list[dict]) -> list[dict]:
+        def one(rec):
+            wanted = {specs[t] for t in need if rec["key"] in need[t]}
+            pil = _decode(curated_dir, rec)  # decoded once, for every teacher that needs it
+            return {s: prepare(pil, s) for s in distinct if s in wanted}
+        return list(pool.map(one, batch))
+
+    feats = {t: {"image": [], "text": [], "keys": [], "ids": []} for t in need}
+    batches = [records[i : i + batch_size] for i in range(0, len(records), batch_size)]
+    with ThreadPoolExecutor(max(1, decode_workers)) as pool, ThreadPoolExecutor(1) as ahead:
+        pending = ahead.submit(prepare_batch, batches[0]) if batches else None
+        for b, batch in enumerate(batches):
+            prepared = pending.result()
+            pending = ahead.submit(prepare_batch, batches[b + 1]) if b + 1 < len(batches) else None
+            for t, enc in encoders.items():
+                rows = [i for i, r in enumerate(batch) if t in need and r["key"] in need[t]]
+                if not rows:
+                    continue
+                f = feats[t]
+                f["image"].append(enc.encode_images(np.stack([prepared[i][specs[t]] for i in rows]), batch_size))
+                f["text"].append(enc.encode_texts([batch[i]["caption"] for i in rows], batch_size))
+                f["keys"] += [batch[i]["key"] for i in rows]
+                f["ids"] += [batch[i]["id"] for i in rows]
+            if progress:
+                progress(len(batch))
+    written = []
+    for t, f in feats.items():
+        if not f["keys"]:
+            continue
+        image, text = np.concatenate(f["image"]), np.concatenate(f["text"])
+        dim = encoders[t].embed_dim
+        write_shard(store_root, t, encoders[t].version, unit, np.array(f["keys"], dtype="S32"), image, text, dim,
+                    dtype, ids=f["ids"])
+        written.append({"teacher": t, "version": encoders[t].version, "unit": unit, "rows": len(f["keys"])})
+    return {"unit": unit, "plan": str(plan_path), "written": written}
+
+
+def commit_unit(store: FeatureStore, result: dict) -> int:
+    """Enter a finished unit's shards into the index and retire its plan; returns the rows added."""
+    n = sum(store.commit(w["teacher"], w["version"], w["unit"]) for w in result["written"])
+    Path(result["plan"]).unlink(missing_ok=True)
+    return n
+
+
+def forwarded(results: list[dict]) -> dict[str, int]:
+    """Samples each teacher embedded in this run (the incremental-caching measure)."""
+    out: dict[str, int] = {}
+    for res in results:
+        for w in res["written"]:
+            out[w["teacher"]] = out.get(w["teacher"], 0) + w["rows"]
+    return out

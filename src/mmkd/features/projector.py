@@ -9,9 +9,9 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import nn
-from mmkd.progress import progress
 
-from mmkd.config import ProjectorCfg
+from mmkd.config import AlignCfg
+from mmkd.progress import progress
 
 
 class MultiTeacherAutoencoder(nn.Module):
@@ -40,8 +40,10 @@ class MultiTeacherAutoencoder(nn.Module):
         return F.normalize(self.encode(teacher, x), dim=-1)
 
 
-def train_projector(features: dict[str, torch.Tensor], latent: int, cfg: ProjectorCfg, seed: int) -> tuple[MultiTeacherAutoencoder, dict]:
-    """features: teacher -> [N, D_t] (image and text rows together). Reconstruction MSE with input noise."""
+def train_projector(features: dict, latent: int, cfg: AlignCfg, seed: int) -> tuple[MultiTeacherAutoencoder, dict]:
+    """features: teacher -> rows [N, D_t] (image and text rows together): a tensor, or anything with len(),
+    .shape and batch indexing returning a float tensor (features.align.StoreRows streams them from the store).
+    Reconstruction MSE with input noise."""
     torch.manual_seed(seed)
     gen = torch.Generator().manual_seed(seed)
     dims = {t: int(x.shape[1]) for t, x in features.items()}
@@ -54,7 +56,7 @@ def train_projector(features: dict[str, torch.Tensor], latent: int, cfg: Project
             order = torch.randperm(len(x), generator=gen)
             total, count = 0.0, 0
             for i in range(0, len(x), cfg.batch_size):
-                batch = x[order[i : i + cfg.batch_size]]
+                batch = x[order[i : i + cfg.batch_size].sort().values]  # sorted: kinder to memory-mapped shards
                 noisy = batch + cfg.noise_std * torch.randn(batch.shape, generator=gen)
                 loss = F.mse_loss(model(t, noisy), batch)
                 opt.zero_grad(set_to_none=True)

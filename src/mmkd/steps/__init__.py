@@ -10,6 +10,7 @@ import logging
 import time
 from typing import Callable
 
+from mmkd.steps.align import step_align
 from mmkd.steps.cache_features import step_cache_features
 from mmkd.steps.common import PIPELINE, Context, StepRun, seed_everything
 from mmkd.steps.curate import step_curate
@@ -27,7 +28,7 @@ log = logging.getLogger("mmkd")
 
 STEPS: dict[str, Callable[[Context, StepRun], dict]] = {
     "synth": step_synth, "curate": step_curate, "validate": step_validate, "teachers": step_teachers,
-    "cache_features": step_cache_features, "pretrain": step_pretrain, "distill": step_distill,
+    "cache_features": step_cache_features, "align": step_align, "pretrain": step_pretrain, "distill": step_distill,
     "evaluate": step_evaluate, "register": step_register,
 }
 

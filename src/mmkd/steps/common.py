@@ -16,7 +16,7 @@ from mmkd.config import Params, Workspace, load_params
 from mmkd.tracking.mlflow_runs import PARENT_ENV, StepRun, Tracker, data_hash, git_commit
 
 log = logging.getLogger("mmkd")
-PIPELINE = ("curate", "validate", "teachers", "cache_features", "pretrain", "distill", "evaluate", "register")
+PIPELINE = ("curate", "validate", "teachers", "cache_features", "align", "pretrain", "distill", "evaluate", "register")
 
 
 @dataclass
@@ -24,6 +24,8 @@ class Context:
     ws: Workspace
     params_path: Path
     parent_run_id: str | None = None
+    # set by the Prefect flow: runs cache_features' work units as mapped tasks (threads or a Dask cluster)
+    map_units: Callable[[list[str]], list[dict]] | None = None
 
     @property
     def params(self) -> Params:

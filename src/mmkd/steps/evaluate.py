@@ -12,8 +12,8 @@ def step_evaluate(ctx: Context, run: StepRun) -> dict:
     import open_clip
 
     from mmkd.evaluation.evaluate import Candidate, evaluate, leaderboard, write_reports
-    from mmkd.features.cache import load_split
     from mmkd.data.store import split_records
+    from mmkd.features.store import FeatureStore
     from mmkd.models.encoder import ClipEncoder
     from mmkd.models.factory import load_checkpoint
 
@@ -25,11 +25,12 @@ def step_evaluate(ctx: Context, run: StepRun) -> dict:
     for name, folder in (("student", ws.student), ("student_stage1", ws.stage1)):
         model, meta = load_checkpoint(folder, device)
         candidates.append(Candidate(name, ClipEncoder(name, model, open_clip.get_tokenizer(meta["model"]), device), "student"))
-    ids = {s: [r["id"] for r in split_records(ws.curated, s)] for s in ("probe", "test")}
-    cached = {s: load_split(ws.features, s, ids[s]) for s in ids}
-    for spec, enc in load_teachers(ctx):
-        emb = {s: {k: cached[s][spec.name][k].numpy() for k in ("image", "text")} for s in ids}
+    held = {s: split_records(ws.curated, s) for s in ("probe", "test")}
+    store = FeatureStore(ws.teacher_features)
+    for spec, enc in load_teachers(ctx):  # teachers embed the prompts; their held-out embeddings come from the store
+        emb = {s: teacher_embeddings(store, spec.name, enc.version, enc.embed_dim, recs) for s, recs in held.items()}
         candidates.append(Candidate(spec.name, enc, "teacher", spec.modalities, emb))
+    store.close()
     results = evaluate(candidates, ws.curated, tasks, p.evaluate.recall_k, p.evaluate.linear_probe_c, p.seed,
                        p.evaluate.batch_size)
     board = leaderboard(results, candidates)
@@ -39,3 +40,18 @@ def step_evaluate(ctx: Context, run: StepRun) -> dict:
     run.log_artifact(ws.metrics)
     run.log_artifact(ws.leaderboard)
     return {m: per["mean"] for m, per in results.items()}
+
+
+def teacher_embeddings(store, teacher: str, version: str, dim: int, records: list[dict]) -> dict:
+    """One split's cached image and text embeddings of a teacher; every record must be covered."""
+    import numpy as np
+
+    from mmkd.features.store import FeatureError
+
+    shard, row = store.locate(teacher, version, np.array([r["key"] for r in records], dtype="S32"))
+    if (shard < 0).any():
+        first = records[int(np.flatnonzero(shard < 0)[0])]
+        raise FeatureError(f"teacher '{teacher}' version {version}: no cached features for held-out sample "
+                           f"'{first['id']}' ({int((shard < 0).sum())} missing); run cache_features")
+    image, text = store.gather(shard, row, dim)
+    return {"image": image, "text": text}

@@ -20,8 +20,8 @@ def step_teachers(ctx: Context, run: StepRun) -> dict:
     out: dict = {}
     ws.teachers.mkdir(parents=True, exist_ok=True)
     for i, spec in enumerate(p.teachers.registry):
-        if spec.source != "embedded":
-            out[spec.name] = {"source": spec.source, "trained": False}  # external teachers arrive pretrained
+        if spec.loader != "embedded":
+            out[spec.name] = {"loader": spec.loader, "trained": False}  # external teachers arrive pretrained
             continue
         rows = np.array([j for j, r in enumerate(records) if r["modality"] in spec.modalities])
         if len(rows) < 2:
@@ -31,7 +31,7 @@ def step_teachers(ctx: Context, run: StepRun) -> dict:
                           p.seed + 100 + i, _device(ctx), ws.teachers / spec.name, f"teacher {spec.name}",
                           _metric_logger(run, spec.name), {"teacher": spec.name, "modalities": spec.modalities})
         # teachers.json is a DVC output: keep it free of timings so a repeated run gives the same bytes
-        out[spec.name] = {"source": "embedded", "trained": True, **{k: hist[k] for k in ("loss", "steps", "pairs")}}
+        out[spec.name] = {"loader": "embedded", "trained": True, **{k: hist[k] for k in ("loss", "steps", "pairs")}}
         run.log_metrics({f"{spec.name}.final_loss": hist["loss"], f"{spec.name}.pairs": hist["pairs"],
                          f"{spec.name}.train_seconds": hist["train_seconds"]})
     (ws.teachers / "teachers.json").write_text(json.dumps(out, indent=1, sort_keys=True))

@@ -1,0 +1,5 @@
+"""Prefect task: Train the multi-teacher projector over the feature store and write the aligned features."""
+
+from tasks import step_task
+
+align = step_task("align", retries=0)
