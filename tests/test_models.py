@@ -4,15 +4,13 @@ import math
 
 import numpy as np
 import open_clip
-import pytest
 import torch
 import torch.nn.functional as F
 
-from mmkd.config import ProjectorCfg, TeacherSpec
-from mmkd.features.cache import availability
+from mmkd.config import AlignCfg
 from mmkd.features.projector import load_projector, save_projector, train_projector
 from mmkd.models.factory import create_model, load_checkpoint, save_checkpoint
-from mmkd.training.distill import TeacherSampler
+from mmkd.training.distill import TeacherSampler, routing
 from mmkd.training.losses import clip_loss, distillation_loss, feature_distillation, interactive_contrastive
 
 CPU = torch.device("cpu")
@@ -51,7 +49,7 @@ def test_checkpoint_roundtrip_is_safetensors(tmp_path):
 
 def test_projector_maps_each_teacher_to_unit_student_vectors(tmp_path):
     feats = {"a": unit(200, 24), "b": unit(150, 40, seed=5)}
-    model, metrics = train_projector(feats, latent=16, cfg=ProjectorCfg(hidden=32, epochs=3, batch_size=64), seed=0)
+    model, metrics = train_projector(feats, latent=16, cfg=AlignCfg(hidden=32, epochs=3, batch_size=64), seed=0)
     assert set(metrics) == {"recon_mse_a", "recon_mse_b"}
     out = model.project("b", feats["b"])
     assert out.shape == (150, 16)
@@ -63,18 +61,17 @@ def test_projector_maps_each_teacher_to_unit_student_vectors(tmp_path):
 
 def test_projector_training_reduces_reconstruction_error():
     feats = {"a": unit(400, 24)}
-    _, short = train_projector(feats, 16, ProjectorCfg(hidden=64, epochs=1, dropout=0.0), seed=0)
-    _, long = train_projector(feats, 16, ProjectorCfg(hidden=64, epochs=40, dropout=0.0), seed=0)
+    _, short = train_projector(feats, 16, AlignCfg(hidden=64, epochs=1, dropout=0.0), seed=0)
+    _, long = train_projector(feats, 16, AlignCfg(hidden=64, epochs=40, dropout=0.0), seed=0)
     assert long["recon_mse_a"] < short["recon_mse_a"]
 
 
 def test_routing_and_sampler_draw_only_eligible_teachers():
-    index = {"teachers": {"rad": {"modalities": ["xray"]}, "path": {"modalities": ["pathology"]},
-                          "gen": {"modalities": ["xray", "pathology", "oct"]}}}
+    domains = {"rad": ["xray"], "path": ["pathology"], "gen": ["xray", "pathology", "oct"]}
     mods = ["xray", "pathology", "oct", "xray"]
-    mask = availability(index, mods, route_by_modality=True)
+    mask = routing(domains, mods, route_by_modality=True)
     assert mask.tolist() == [[True, False, True], [False, True, True], [False, False, True], [True, False, True]]
-    assert availability(index, mods, route_by_modality=False).all()
+    assert routing(domains, mods, route_by_modality=False).all()
     sampler = TeacherSampler(mask, seed=0)
     draws = torch.stack([sampler.draw(torch.arange(4)) for _ in range(300)])
     for i in range(4):

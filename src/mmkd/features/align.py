@@ -74,9 +74,9 @@ def align(raw_root: Path, sets: list[tuple[str, str]], train_keys: np.ndarray, o
             prefix = raw.root / "shards" / t / v / unit
             keys = np.load(f"{prefix}.keys.npy")
             img_in, txt_in = np.load(f"{prefix}.image.npy", mmap_mode="r"), np.load(f"{prefix}.text.npy", mmap_mode="r")
-            img = np.concatenate([model.project(t, torch.from_numpy(np.asarray(img_in[i : i + chunk], np.float32))).numpy()
+            img = np.concatenate([model.project(t, torch.from_numpy(np.array(img_in[i : i + chunk], np.float32))).numpy()
                                   for i in range(0, len(keys), chunk)])
-            txt = np.concatenate([model.project(t, torch.from_numpy(np.asarray(txt_in[i : i + chunk], np.float32))).numpy()
+            txt = np.concatenate([model.project(t, torch.from_numpy(np.array(txt_in[i : i + chunk], np.float32))).numpy()
                                   for i in range(0, len(keys), chunk)])
             write_shard(out_root, t, version, unit, keys, img, txt, latent, dtype)
             written += out.commit(t, version, unit)

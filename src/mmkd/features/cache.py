@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import os
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,6 +22,7 @@ from typing import Callable, Iterator
 import numpy as np
 from PIL import Image
 
+from mmkd.config import FeaturesCfg
 from mmkd.features.store import FeatureError, FeatureStore, write_shard
 from mmkd.models.encoder import Encoder
 from mmkd.models.preprocess import prepare
@@ -148,7 +150,7 @@ def run_unit(plan_path: Path, curated_dir: Path, store_root: Path, encoders: dic
         write_shard(store_root, t, encoders[t].version, unit, np.array(f["keys"], dtype="S32"), image, text, dim,
                     dtype, ids=f["ids"])
         written.append({"teacher": t, "version": encoders[t].version, "unit": unit, "rows": len(f["keys"])})
-    return {"unit": unit, "plan": str(plan_path), "written": written}
+    return {"unit": unit, "plan": str(plan_path), "written": written, "pid": os.getpid()}
 
 
 def commit_unit(store: FeatureStore, result: dict) -> int:
@@ -165,3 +167,40 @@ def forwarded(results: list[dict]) -> dict[str, int]:
         for w in res["written"]:
             out[w["teacher"]] = out.get(w["teacher"], 0) + w["rows"]
     return out
+
+
+def cache_corpus(curated_dir: Path, store_root: Path, teachers: list[tuple[object, Encoder]], cfg: FeaturesCfg,
+                 map_units: Callable[[list[str]], list[dict]] | None = None, show_progress: bool = True) -> dict:
+    """Bring the store up to date with the curated corpus for these (registry spec, encoder) pairs.
+
+    Recovers what a killed run left (adopt), plans units of missing pairs, runs them here one by one (each
+    committed before the next) or through `map_units` (the Prefect flow's mapped tasks), then drops feature
+    sets of teacher versions no longer in the registry (cfg.prune_stale)."""
+    from mmkd.progress import progress
+
+    store = FeatureStore(store_root, create=True)
+    recovered = store.adopt()
+    for spec, enc in teachers:
+        store.register_set(spec.name, enc.version, enc.embed_dim, cfg.dtype,
+                           {"loader": spec.loader, "source": spec.source, "model": spec.model,
+                            "modalities": list(spec.modalities), "preprocess": enc.spec.as_dict()})
+    entries = [TeacherEntry(spec.name, enc.version, enc.embed_dim, tuple(spec.modalities)) for spec, enc in teachers]
+    plans = plan_units(curated_dir, store, entries, cfg.unit_records, cfg.coverage)
+    results = []
+    if map_units is not None:
+        for res in map_units([str(pl) for pl in plans]):
+            commit_unit(store, res)
+            results.append(res)
+    else:
+        encoders = {spec.name: enc for spec, enc in teachers}
+        todo = sum(len(json.loads(pl.read_text())["records"]) for pl in plans)
+        with progress(total=todo, desc="cache_features", unit="pair", disable=not show_progress) as bar:
+            for pl in plans:  # committed one by one: a kill loses at most the unit in flight
+                res = run_unit(pl, curated_dir, store.root, encoders, cfg.batch_size, cfg.dtype, cfg.decode_workers,
+                               bar.update)
+                commit_unit(store, res)
+                results.append(res)
+    pruned = store.prune({(spec.name, enc.version) for spec, enc in teachers}) if cfg.prune_stale else []
+    store.close()
+    return {"units": len(results), "forwarded": forwarded(results), "pruned_sets": pruned,
+            "worker_processes": len({r["pid"] for r in results}), **recovered}

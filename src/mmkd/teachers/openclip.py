@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import json
 import zipfile
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import open_clip
 import torch
@@ -17,7 +17,8 @@ from mmkd.models.factory import image_spec, register_configs
 HUB_PREFIX = "hf-hub:"
 # open_clip's own preference order (factory._find_checkpoint_in_dir), so the file we hash is the file it loads
 WEIGHT_NAMES = ("open_clip_model.safetensors", "open_clip_pytorch_model.safetensors", "open_clip_pytorch_model.bin",
-                "open_clip_pytorch_model.pth", "model.safetensors", "pytorch_model.bin", "pytorch_model.pth", "model.pth")
+                "open_clip_pytorch_model.pth", "model.safetensors", "pytorch_model.bin", "pytorch_model.pth",
+                "model.pth")
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.txt", "vocab.json",
                    "merges.txt", "spiece.model", "sentencepiece.bpe.model")
 TEXT_SUBDIR = "text_model"  # <teacher folder>/text_model/config.json: the HF text tower's config, shipped beside it
@@ -101,14 +102,17 @@ def _text_model_dir(spec: TeacherSpec, text_cfg: dict, folder: Path | None, fail
     cached = hub_snapshot(name, "config.json")
     if cached is not None:
         return cached
+    beside = folder / TEXT_SUBDIR if folder else f"<teacher folder>/{TEXT_SUBDIR}"
     raise fail(f"its text tower is the Hugging Face model '{name}', whose config.json is not available offline. "
                f"Provide it one of these ways: `text_model: <folder with {name}'s config.json>` in the registry "
-               f"entry; or copy that config.json into {folder / TEXT_SUBDIR if folder else '<teacher folder>/text_model'}"
-               f"; or `huggingface-cli download {name} config.json` into the HF cache ({hub_cache()}, set HF_HOME)")
+               f"entry; or copy that config.json into {beside}; or `huggingface-cli download {name} config.json` "
+               f"into the HF cache ({hub_cache()}; set HF_HOME for another one)")
 
 
 def _tokenizer(model_name: str, text_cfg: dict, dirs: list[Path | None], ctx: int, fail: Fail):
     """open_clip's tokenizer for the config; an HF tokenizer is read from local files (teacher folder first)."""
+    from open_clip.tokenizer import HFTokenizer
+
     if "hf_tokenizer_name" not in text_cfg:
         return open_clip.get_tokenizer(model_name, context_length=ctx), []
     hub = text_cfg["hf_tokenizer_name"]
@@ -117,15 +121,15 @@ def _tokenizer(model_name: str, text_cfg: dict, dirs: list[Path | None], ctx: in
         files = [d / f for f in TOKENIZER_FILES if (d / f).is_file()]
         if files:
             # the same construction as open_clip.get_tokenizer('local-dir:...') (factory.py)
-            tok = open_clip.HFTokenizer(str(d), context_length=ctx, tokenizer_mode=text_cfg.get("tokenizer_mode"),
-                                        **text_cfg.get("tokenizer_kwargs", {}))
+            tok = HFTokenizer(str(d), context_length=ctx, tokenizer_mode=text_cfg.get("tokenizer_mode"),
+                              **text_cfg.get("tokenizer_kwargs", {}))
             return tok, files
     raise fail(f"no tokenizer files ({', '.join(TOKENIZER_FILES[:4])}) in {[str(d) for d in dirs if d]}; the "
                f"tokenizer '{hub}' is needed offline: put its files in the teacher folder or `text_model`")
 
 
-def _locate(spec: TeacherSpec, fail: Fail) -> tuple[Path | None, Path]:
-    """(hub-layout folder or None, weights file) for `source`."""
+def _locate(spec: TeacherSpec, fail: Fail) -> Path:
+    """The hub-layout folder (an hf-hub id resolved in the local cache) or the checkpoint file of `source`."""
     if not spec.source:
         raise fail("loader open_clip needs `source`: hf-hub:org/name, a hub-layout folder or a checkpoint file")
     if spec.source.startswith(HUB_PREFIX):
@@ -135,15 +139,13 @@ def _locate(spec: TeacherSpec, fail: Fail) -> tuple[Path | None, Path]:
             raise fail(f"'{repo}' is not in the local Hugging Face cache ({hub_cache()}) and downloads are off; "
                        f"run `huggingface-cli download {repo}` (set HF_HOME to use another cache), or download it to a "
                        f"folder and give that folder as `source`")
-        return folder, _folder_weights(folder, fail)
+        return folder
     path = Path(spec.source).expanduser()
     if not path.exists():
         raise fail(f"source {path} does not exist")
-    if path.is_dir():
-        return path, _folder_weights(path, fail)
-    if not spec.model:
+    if path.is_file() and not spec.model:
         raise fail(f"source {path} is a checkpoint file; `model` must name its open_clip config (e.g. ViT-B-16)")
-    return None, path
+    return path
 
 
 def load(spec: TeacherSpec, teachers_dir: Path, device: torch.device) -> ClipEncoder:
@@ -152,19 +154,23 @@ def load(spec: TeacherSpec, teachers_dir: Path, device: torch.device) -> ClipEnc
     def fail(msg: str) -> TeacherLoadError:
         return TeacherLoadError(f"teacher '{spec.name}': {msg}")
 
-    folder, weights = _locate(spec, fail)
-    if folder is not None:
-        model_cfg, model_name, pretrained = _read_config(folder, fail)["model_cfg"], f"local-dir:{folder}", None
+    path = _locate(spec, fail)
+    if path.is_dir():
+        folder, model_name, pretrained = path, f"local-dir:{path}", None
+        model_cfg = _read_config(path, fail)["model_cfg"]
+        weights = _folder_weights(path, fail)
     else:
         register_configs()
-        model_cfg, model_name, pretrained = open_clip.get_model_config(spec.model), spec.model, str(weights)
+        folder, model_name, pretrained, weights = None, spec.model.replace("/", "-"), str(path), path
+        model_cfg = open_clip.get_model_config(model_name)
         if model_cfg is None:
             raise fail(f"unknown open_clip config '{spec.model}'")
     text_cfg = model_cfg.get("text_cfg", {})
     text_dir = _text_model_dir(spec, text_cfg, folder, fail)
     # a patched text_cfg (kwargs override the config in open_clip.create_model): the HF config from the local folder,
     # and no base-weight download since the CLIP checkpoint carries the text tower's weights
-    kwargs = {"text_cfg": {**text_cfg, "hf_model_name": str(text_dir), "hf_model_pretrained": False}} if text_dir else {}
+    patched = {**text_cfg, "hf_model_name": str(text_dir), "hf_model_pretrained": False}
+    kwargs = {"text_cfg": patched} if text_dir else {}
     check_pickle(weights, fail)
     try:
         model = open_clip.create_model(model_name, pretrained=pretrained, device=device, weights_only=True,
