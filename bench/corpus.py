@@ -60,3 +60,25 @@ def large_images(root: Path, n: int, side: int = 512) -> None:
     with ProcessPoolExecutor(2) as pool:
         rows = list(pool.map(_photo, [(str(root), i, side) for i in range(n)], chunksize=16))
     (Path(root) / "manifest.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+
+def default_teachers(folder: Path, device: str = "cpu") -> list:
+    """The default registry's embedded teachers (untrained weights: speed and memory do not depend on them),
+    saved where the embedded loader finds them and loaded through the registry: [(spec, encoder)]."""
+    import torch
+
+    from mmkd.models.factory import create_model, save_checkpoint
+    from mmkd.teachers.registry import load_teacher
+
+    params = load_params(REPO / "params.yaml", "default")
+    out = []
+    for i, spec in enumerate(params.teachers.registry):
+        torch.manual_seed(i)
+        save_checkpoint(create_model(spec.model), Path(folder) / spec.name, spec.model)
+        out.append((spec, load_teacher(spec, Path(folder), torch.device(device))))
+    return out
+
+
+def features_params(**overrides):
+    """The default profile's features section of params.yaml, with overrides."""
+    return load_params(REPO / "params.yaml", "default").features.model_copy(update=overrides)

@@ -251,7 +251,7 @@ def test_dask_executor_runs_units_in_worker_processes(smoke_run, tmp_path, prefe
     for sub in ("artifacts/curated", "artifacts/teachers"):
         shutil.copytree(src / sub, tmp_path / sub, symlinks=True)
     text = (src / "params.yaml").read_text().replace("  executor: local", "  executor: dask")
-    text = text.replace("  unit_records: 4096", "  unit_records: 100")
+    text = text.replace("  unit_records: 16384", "  unit_records: 100")
     assert "executor: dask" in text
     (tmp_path / "params.yaml").write_text(text)
     out = cache_features(str(tmp_path), str(tmp_path / "params.yaml"), "smoke", None)["summary"]

@@ -140,6 +140,21 @@ def test_text_config_unresolvable_offline(bmc, tmp_path):
     assert "text_model" in msg and "huggingface-cli download" in msg
 
 
+def test_tokenizer_from_the_text_model_folder(bmc, bmc_reference, tmp_path):
+    """A download without tokenizer files at the root: the text model's folder (or its cached repo) supplies them."""
+    folder, text_dir = bmc
+    copy, text_copy = tmp_path / "BiomedCLIP", tmp_path / "BiomedBERT"
+    shutil.copytree(folder, copy)
+    shutil.copytree(text_dir, text_copy)
+    for name in ("vocab.txt", "tokenizer.json", "tokenizer_config.json"):
+        shutil.move(copy / name, text_copy / name)
+    check_same(load(tmp_path, loader="open_clip", source=str(copy), text_model=str(text_copy)), bmc_reference)
+    for name in ("vocab.txt", "tokenizer.json", "tokenizer_config.json"):
+        (text_copy / name).unlink()
+    with pytest.raises(TeacherLoadError, match=rf"teacher 'x'.*no tokenizer files.*'{BIOMEDBERT}'"):
+        load(tmp_path, name="x", loader="open_clip", source=str(copy), text_model=str(text_copy))
+
+
 def test_hf_hub_id_from_local_cache(bmc, bmc_reference, tmp_path, offline_empty_cache):
     folder, text_dir = bmc
     repo = "microsoft/BiomedCLIP-PubMedBERT_256-vit_base_patch16_224"
@@ -264,11 +279,15 @@ def test_checkpoint_file_with_config_name(fmt, rn, tmp_path):
     assert close(enc.encode_images(pix), img) and close(enc.encode_texts(TEXTS), txt)
 
 
-def test_checkpoint_file_needs_model(rn, tmp_path):
+def test_checkpoint_file_needs_model_and_fitting_context(rn, tmp_path):
     path = tmp_path / "rad.bin"
     torch.save(rn[0].state_dict(), path)
     with pytest.raises(TeacherLoadError, match=r"teacher 'rad'.*`model` must name"):
         load(tmp_path, name="rad", loader="open_clip", source=str(path))
+    with pytest.raises(TeacherLoadError, match=r"teacher 'rad'.*unknown open_clip config 'no-such'"):
+        load(tmp_path, name="rad", loader="open_clip", source=str(path), model="no-such")
+    with pytest.raises(TeacherLoadError, match=r"teacher 'rad'.*context_length 100 exceeds the text tower's 32"):
+        load(tmp_path, name="rad", loader="open_clip", source=str(path), model="mmkd-teacher-rn", context_length=100)
 
 
 @pytest.mark.parametrize("payload", ["subclass", "trap"])
@@ -350,6 +369,8 @@ def test_hf_clip_version(plip, tmp_path):
 
 
 def test_hf_clip_errors(plip, tmp_path):
+    from safetensors.torch import load_file, save_file
+
     def fails(pattern, **kw):
         with pytest.raises(TeacherLoadError, match=rf"teacher 'plip'.*{pattern}"):
             load(tmp_path, name="plip", loader="hf_clip", **kw)
@@ -363,12 +384,17 @@ def test_hf_clip_errors(plip, tmp_path):
     fails("no weights", source=str(broken))
     wider = hf_clip_twin(tmp_path / "wider", width=48)
     shutil.copy(wider / "model.safetensors", broken / "model.safetensors")
-    fails("cannot be loaded|do not match", source=str(broken))
+    fails("do not match config.json", source=str(broken))
+    state = load_file(plip / "model.safetensors")
+    del state["visual_projection.weight"]  # transformers would initialise it randomly and only warn
+    save_file(state, broken / "model.safetensors", metadata={"format": "pt"})
+    fails(r"do not match config.json: missing \['visual_projection.weight'\]", source=str(broken))
     bmc_cfg = tmp_path / "notclip"
     shutil.copytree(plip, bmc_cfg)
     (bmc_cfg / "config.json").write_text(json.dumps({"model_type": "bert"}))
     fails("not a transformers CLIPModel", source=str(bmc_cfg))
     fails("embed_dim 512", source=str(plip), embed_dim=512)
+    fails("context_length 100 exceeds", source=str(plip), context_length=100)
 
 
 # ----------------------------------------------------------------------------------------------------------- embedded

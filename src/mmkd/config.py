@@ -227,7 +227,7 @@ class FeaturesCfg(Strict):
 
     batch_size: int = Field(256, ge=1)
     dtype: Literal["float16", "float32"] = Field("float32", description="storage dtype; float16 halves the disk")
-    unit_records: int = Field(4096, ge=1, description="curated records per work unit = max rows of a shard")
+    unit_records: int = Field(16384, ge=1, description="curated records per work unit = max rows of a shard")
     coverage: Literal["all", "domain"] = Field("all", description="domain: a teacher caches only train samples "
                                                                  "of its own modalities")
     decode_workers: int = Field(2, ge=1, description="threads decoding images one batch ahead of the forwards")

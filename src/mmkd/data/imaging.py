@@ -123,15 +123,11 @@ def fit_side(rgb: np.ndarray, max_side: int) -> np.ndarray:
 
 
 def square_view(rgb: np.ndarray, size: int) -> np.ndarray:
-    """Resize the shorter side to `size` and centre-crop (open_clip's Resize + CenterCrop), uint8."""
-    h, w = rgb.shape[:2]
-    if (h, w) == (size, size):
-        return rgb
-    s = size / min(h, w)
-    nw, nh = max(size, round(w * s)), max(size, round(h * s))
-    im = Image.fromarray(rgb).resize((nw, nh), Image.BICUBIC)
-    left, top = (nw - size) // 2, (nh - size) // 2
-    return np.asarray(im.crop((left, top, left + size, top + size)), dtype=np.uint8)
+    """Resize the shorter side to `size` and centre-crop, bicubic: exactly the default ImageSpec's preprocessing
+    (open_clip's Resize + CenterCrop), so a model with that spec reads these views instead of decoding."""
+    from mmkd.models.preprocess import ImageSpec, prepare
+
+    return prepare(rgb, ImageSpec(size))
 
 
 def encode_png(rgb: np.ndarray) -> bytes:

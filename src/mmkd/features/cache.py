@@ -23,11 +23,11 @@ import numpy as np
 from PIL import Image
 
 from mmkd.config import FeaturesCfg
-from mmkd.features.store import FeatureError, FeatureStore, write_shard
+from mmkd.features.store import FeatureError, FeatureStore, ShardWriter
 from mmkd.models.encoder import Encoder
-from mmkd.models.preprocess import prepare
+from mmkd.models.preprocess import ImageSpec, prepare
 
-RECORD_FIELDS = ("id", "key", "caption", "modality", "split", "shard", "offset", "size", "ext")
+RECORD_FIELDS = ("id", "key", "caption", "modality", "split", "shard", "row", "offset", "size", "ext")
 
 
 @dataclass(frozen=True)
@@ -103,8 +103,27 @@ def _decode(curated_dir: Path, record: dict) -> Image.Image:
         return im.convert("RGB")
 
 
+class Views:
+    """Curation's decoded square views (memory-mapped), used for a teacher whose preprocessing is exactly the
+    views' (resize the short side + centre crop, bicubic) at a size curation wrote: no decoding at all."""
+
+    def __init__(self, curated_dir: Path, specs):
+        summary = json.loads((Path(curated_dir) / "summary.json").read_text())
+        sizes = set(summary.get("decoded_sizes") or [])
+        self.dir = Path(curated_dir)
+        self.served = {s for s in specs if s.size in sizes and s == ImageSpec(s.size, s.mean, s.std)}
+        self._open: dict[tuple[int, str], np.ndarray] = {}
+
+    def get(self, spec: ImageSpec, record: dict) -> np.ndarray:
+        key = (spec.size, record["shard"])
+        if key not in self._open:
+            self._open[key] = np.load(self.dir / "decoded" / str(spec.size) / f"{record['shard']}.npy", mmap_mode="r")
+        return np.array(self._open[key][record["row"]])
+
+
 def run_unit(plan_path: Path, curated_dir: Path, store_root: Path, encoders: dict[str, Encoder], batch_size: int,
-             dtype: str, decode_workers: int = 2, progress: Callable[[int], None] | None = None) -> dict:
+             dtype: str, decode_workers: int = 2, progress: Callable[[int], None] | None = None,
+             use_views: bool = True) -> dict:
     """Compute one unit's missing features and write one shard per teacher; returns what was written."""
     plan = json.loads(Path(plan_path).read_text())
     records, unit = plan["records"], plan["unit"]
@@ -116,40 +135,45 @@ def run_unit(plan_path: Path, curated_dir: Path, store_root: Path, encoders: dic
     specs = {t: encoders[t].spec for t in need}
     distinct = {s: None for s in specs.values()}  # teachers sharing a preprocessing share the prepared image
 
+    views = Views(curated_dir, distinct) if use_views else None
+
     def prepare_batch(batch: list[dict]) -> list[dict]:
         def one(rec):
-            wanted = {specs[t] for t in need if rec["key"] in need[t]}
-            pil = _decode(curated_dir, rec)  # decoded once, for every teacher that needs it
-            return {s: prepare(pil, s) for s in distinct if s in wanted}
+            wanted = [s for s in distinct if any(rec["key"] in need[t] and specs[t] == s for t in need)]
+            out = {s: views.get(s, rec) for s in wanted if views and s in views.served}
+            if len(out) < len(wanted):
+                pil = _decode(curated_dir, rec)  # decoded once, for every teacher that needs it
+                out.update({s: prepare(pil, s) for s in wanted if s not in out})
+            return out
         return list(pool.map(one, batch))
 
-    feats = {t: {"image": [], "text": [], "keys": [], "ids": []} for t in need}
+    # one streaming writer per teacher: memory stays one batch, however many rows a shard holds
+    writers = {t: ShardWriter(store_root, t, encoders[t].version, unit, len(keys), encoders[t].embed_dim, dtype)
+               for t, keys in need.items()}
     batches = [records[i : i + batch_size] for i in range(0, len(records), batch_size)]
-    with ThreadPoolExecutor(max(1, decode_workers)) as pool, ThreadPoolExecutor(1) as ahead:
-        pending = ahead.submit(prepare_batch, batches[0]) if batches else None
-        for b, batch in enumerate(batches):
-            prepared = pending.result()
-            pending = ahead.submit(prepare_batch, batches[b + 1]) if b + 1 < len(batches) else None
-            for t, enc in encoders.items():
-                rows = [i for i, r in enumerate(batch) if t in need and r["key"] in need[t]]
-                if not rows:
-                    continue
-                f = feats[t]
-                f["image"].append(enc.encode_images(np.stack([prepared[i][specs[t]] for i in rows]), batch_size))
-                f["text"].append(enc.encode_texts([batch[i]["caption"] for i in rows], batch_size))
-                f["keys"] += [batch[i]["key"] for i in rows]
-                f["ids"] += [batch[i]["id"] for i in rows]
-            if progress:
-                progress(len(batch))
-    written = []
-    for t, f in feats.items():
-        if not f["keys"]:
-            continue
-        image, text = np.concatenate(f["image"]), np.concatenate(f["text"])
-        dim = encoders[t].embed_dim
-        write_shard(store_root, t, encoders[t].version, unit, np.array(f["keys"], dtype="S32"), image, text, dim,
-                    dtype, ids=f["ids"])
-        written.append({"teacher": t, "version": encoders[t].version, "unit": unit, "rows": len(f["keys"])})
+    try:
+        with ThreadPoolExecutor(max(1, decode_workers)) as pool, ThreadPoolExecutor(1) as ahead:
+            pending = ahead.submit(prepare_batch, batches[0]) if batches else None
+            for b, batch in enumerate(batches):
+                prepared = pending.result()
+                pending = ahead.submit(prepare_batch, batches[b + 1]) if b + 1 < len(batches) else None
+                for t, writer in writers.items():
+                    enc = encoders[t]
+                    rows = [i for i, r in enumerate(batch) if r["key"] in need[t]]
+                    if rows:
+                        writer.append([batch[i]["key"] for i in rows],
+                                      enc.encode_images(np.stack([prepared[i][specs[t]] for i in rows]), batch_size),
+                                      enc.encode_texts([batch[i]["caption"] for i in rows], batch_size),
+                                      [batch[i]["id"] for i in rows])
+                if progress:
+                    progress(len(batch))
+        for writer in writers.values():
+            writer.close()
+    except BaseException:
+        for writer in writers.values():
+            writer.abort()
+        raise
+    written = [{"teacher": t, "version": encoders[t].version, "unit": unit, "rows": len(need[t])} for t in writers]
     return {"unit": unit, "plan": str(plan_path), "written": written, "pid": os.getpid()}
 
 

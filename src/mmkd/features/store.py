@@ -43,32 +43,73 @@ def validate_rows(teacher: str, kind: str, arr: np.ndarray, dim: int, keys: np.n
                            f"({int(bad.sum())} bad rows in this shard)")
 
 
-def _save_npy(path: Path, arr: np.ndarray) -> Path:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as fh:
-        np.save(fh, arr)
-        fh.flush()
-        os.fsync(fh.fileno())
-    return tmp
+class ShardWriter:
+    """Streams one shard to disk batch by batch (memory stays one batch whatever the shard size): rows go to
+    .tmp files whose .npy headers already hold the final row count; close() renames them, keys last."""
+
+    def __init__(self, root: Path, teacher: str, version: str, unit: str, rows: int, dim: int, dtype: str):
+        self.teacher, self.dim, self.rows, self.dtype = teacher, dim, rows, np.dtype(DTYPES[dtype])
+        folder = Path(root) / "shards" / teacher / version
+        folder.mkdir(parents=True, exist_ok=True)
+        self.prefix = folder / unit
+        self.keys: list[bytes] = []
+        self.files = {}
+        for kind in ("image", "text"):
+            fh = open(self._tmp(kind), "wb")
+            np.lib.format.write_array_header_1_0(fh, {"descr": np.lib.format.dtype_to_descr(self.dtype),
+                                                      "fortran_order": False, "shape": (rows, dim)})
+            self.files[kind] = fh
+
+    def _tmp(self, kind: str) -> Path:
+        return Path(f"{self.prefix}.{kind}.npy.tmp")
+
+    def append(self, keys, image: np.ndarray, text: np.ndarray, ids=None) -> None:
+        keys = np.asarray(keys, dtype=KEY_DTYPE)
+        if not (len(keys) == len(image) == len(text)):
+            raise FeatureError(f"teacher '{self.teacher}': a batch of {len(keys)} keys has {len(image)} image and "
+                               f"{len(text)} text rows")
+        validate_rows(self.teacher, "image", image, self.dim, keys, ids)
+        validate_rows(self.teacher, "text", text, self.dim, keys, ids)
+        if len(self.keys) + len(keys) > self.rows:
+            raise FeatureError(f"teacher '{self.teacher}': shard {self.prefix.name} planned for {self.rows} rows")
+        self.files["image"].write(np.ascontiguousarray(image, self.dtype).tobytes())
+        self.files["text"].write(np.ascontiguousarray(text, self.dtype).tobytes())
+        self.keys.extend(keys.tolist())
+
+    def close(self) -> Path:
+        if len(self.keys) != self.rows:
+            self.abort()
+            raise FeatureError(f"teacher '{self.teacher}': shard {self.prefix.name} got {len(self.keys)} of "
+                               f"{self.rows} planned rows")
+        for fh in self.files.values():
+            fh.flush()
+            os.fsync(fh.fileno())
+            fh.close()
+        with open(self._tmp("keys"), "wb") as fh:
+            np.save(fh, np.array(self.keys, dtype=KEY_DTYPE))
+            fh.flush()
+            os.fsync(fh.fileno())
+        for kind in ("image", "text", "keys"):  # keys last: a shard with keys.npy is whole
+            os.replace(self._tmp(kind), Path(f"{self.prefix}.{kind}.npy"))
+        return self.prefix
+
+    def abort(self) -> None:
+        for fh in self.files.values():
+            fh.close()
+        for kind in ("image", "text", "keys"):
+            self._tmp(kind).unlink(missing_ok=True)
 
 
 def write_shard(root: Path, teacher: str, version: str, unit: str, keys: np.ndarray, image: np.ndarray,
                 text: np.ndarray, dim: int, dtype: str, ids=None) -> Path:
-    """Validate and write one shard atomically; returns the path prefix. Not yet in the index (see commit)."""
-    keys = np.asarray(keys, dtype=KEY_DTYPE)
-    if not (len(keys) == len(image) == len(text)):
-        raise FeatureError(f"teacher '{teacher}': shard {unit} has {len(keys)} keys, {len(image)} image and "
-                           f"{len(text)} text rows")
-    validate_rows(teacher, "image", image, dim, keys, ids)
-    validate_rows(teacher, "text", text, dim, keys, ids)
-    folder = Path(root) / "shards" / teacher / version
-    folder.mkdir(parents=True, exist_ok=True)
-    prefix = folder / unit
-    tmps = [_save_npy(Path(f"{prefix}.{k}.npy"), a) for k, a in
-            (("image", image.astype(DTYPES[dtype])), ("text", text.astype(DTYPES[dtype])), ("keys", keys))]
-    for tmp in tmps:  # keys last: a shard with keys.npy is whole
-        os.replace(tmp, tmp.with_name(tmp.name[: -len(".tmp")]))
-    return prefix
+    """Validate and write one whole shard atomically; returns the path prefix. Not yet in the index (commit)."""
+    writer = ShardWriter(root, teacher, version, unit, len(keys), dim, dtype)
+    try:
+        writer.append(keys, image, text, ids)
+    except BaseException:
+        writer.abort()
+        raise
+    return writer.close()
 
 
 class FeatureStore:
@@ -90,6 +131,7 @@ class FeatureStore:
                                              PRIMARY KEY (teacher, version, key)) WITHOUT ROWID;
         """)
         self._maps: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+        self._mmaps: list[np.memmap] = []
 
     def close(self) -> None:
         self.release()
@@ -167,6 +209,8 @@ class FeatureStore:
             folder = self.root / "shards" / s["teacher"] / s["version"]
             for f in folder.glob("*"):
                 f.unlink()
+            self._maps.clear()
+            self._mmaps.clear()
             if folder.exists():
                 folder.rmdir()
             gone.append(f"{s['teacher']}@{s['version']}")
@@ -198,25 +242,31 @@ class FeatureStore:
         if shard_id not in self._maps:
             t, v, u = self.db.execute("SELECT teacher, version, unit FROM shards WHERE id=?", (int(shard_id),)).fetchone()
             prefix = self.root / "shards" / t / v / u
-            self._maps[shard_id] = (np.load(f"{prefix}.image.npy", mmap_mode="r"),
-                                    np.load(f"{prefix}.text.npy", mmap_mode="r"))
+            maps = (np.load(f"{prefix}.image.npy", mmap_mode="r"), np.load(f"{prefix}.text.npy", mmap_mode="r"))
+            self._mmaps.extend(maps)
+            # plain ndarray views of the maps: indexing them skips np.memmap's per-call subclass overhead
+            self._maps[shard_id] = tuple(np.asarray(m) for m in maps)
         return self._maps[shard_id]
 
     def release(self) -> None:
         """Drop this process's resident pages of the mapped shards (they stay in the page cache), so that
         reading a corpus 10x larger does not show up as 10x RSS."""
-        for arrs in self._maps.values():
-            for a in arrs:
-                mm = getattr(a, "_mmap", None)
-                if mm is not None and hasattr(mm, "madvise"):
-                    mm.madvise(mmap.MADV_DONTNEED)
+        for m in self._mmaps:
+            mm = getattr(m, "_mmap", None)
+            if mm is not None and hasattr(mm, "madvise"):
+                mm.madvise(mmap.MADV_DONTNEED)
 
     def gather(self, shard: np.ndarray, row: np.ndarray, dim: int) -> tuple[np.ndarray, np.ndarray]:
         """float32 [n, dim] image and text rows at (shard, row); zeros where shard == -1."""
         img = np.zeros((len(shard), dim), np.float32)
         txt = np.zeros((len(shard), dim), np.float32)
-        for s in np.unique(shard[shard >= 0]):
-            sel = np.flatnonzero(shard == s)
+        order = np.argsort(shard, kind="stable")
+        ordered = shard[order]
+        ids, starts = np.unique(ordered, return_index=True)
+        for s, a, b in zip(ids, starts, [*starts[1:], len(order)]):
+            if s < 0:
+                continue
+            sel = order[a:b]
             a_img, a_txt = self.arrays(int(s))
             r = row[sel]
             img[sel], txt[sel] = a_img[r], a_txt[r]

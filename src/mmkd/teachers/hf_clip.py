@@ -118,8 +118,9 @@ def load(spec: TeacherSpec, teachers_dir: Path, device: torch.device) -> HFClipE
         # weights_only torch.load for .bin is transformers' default (and check_pickle has vetted the file)
         model, info = CLIPModel.from_pretrained(folder, local_files_only=True, output_loading_info=True,
                                                 use_safetensors=weights[0].suffix == ".safetensors")
-    except Exception as exc:
-        raise fail(f"weights in {folder} cannot be loaded: {exc}") from exc
+    except Exception as exc:  # corrupt file; shape mismatches raise too (ignore_mismatched_sizes is off)
+        what = "do not match config.json" if "mismatch" in str(exc) else "cannot be loaded"
+        raise fail(f"weights in {folder} {what}: {exc}") from exc
     missing = [k for k in info.get("missing_keys", []) if not k.endswith(_IGNORED_MISSING)]
     if missing or info.get("mismatched_keys"):
         raise fail(f"weights in {folder} do not match config.json: missing {missing[:5]}, "
@@ -130,7 +131,10 @@ def load(spec: TeacherSpec, teachers_dir: Path, device: torch.device) -> HFClipE
     except Exception as exc:
         raise fail(f"cannot load the tokenizer from {folder}: {exc}") from exc
     img = image_spec_from_processor(json.loads(proc_files[0].read_text())).with_overrides(spec.preprocess)
-    max_length = spec.context_length or int(model.config.text_config.max_position_embeddings)
+    positions = int(model.config.text_config.max_position_embeddings)
+    max_length = spec.context_length or positions
+    if max_length > positions:
+        raise fail(f"context_length {max_length} exceeds the text tower's {positions} positions")
     tok_files = [folder / f for f in TOKENIZER_FILES if (folder / f).is_file()]
     version = weights_version([*weights, folder / "config.json", *tok_files],
                               {"preprocess": img.as_dict(), "context_length": max_length})

@@ -116,7 +116,8 @@ def _tokenizer(model_name: str, text_cfg: dict, dirs: list[Path | None], ctx: in
     if "hf_tokenizer_name" not in text_cfg:
         return open_clip.get_tokenizer(model_name, context_length=ctx), []
     hub = text_cfg["hf_tokenizer_name"]
-    dirs = dirs + [hub_snapshot(hub, f) for f in ("tokenizer_config.json", "tokenizer.json")] if hub else dirs
+    if hub:  # after the local folders: the tokenizer's own repo in the HF cache
+        dirs = dirs + [hub_snapshot(hub, f) for f in ("tokenizer_config.json", "tokenizer.json")]
     for d in (d for d in dirs if d is not None):
         files = [d / f for f in TOKENIZER_FILES if (d / f).is_file()]
         if files:
@@ -179,6 +180,9 @@ def load(spec: TeacherSpec, teachers_dir: Path, device: torch.device) -> ClipEnc
         what = "does not match the architecture of its config" if "state_dict" in str(exc) else "cannot be loaded"
         raise fail(f"weights {weights} {what}: {exc}") from exc
     ctx = spec.context_length or text_cfg.get("context_length", 77)
+    limit = getattr(model, "context_length", None)  # positional embeddings of the text tower
+    if limit and ctx > limit:
+        raise fail(f"context_length {ctx} exceeds the text tower's {limit} positions")
     tokenizer, tok_files = _tokenizer(model_name, text_cfg, [folder, text_dir], ctx, fail)
     img = image_spec(model).with_overrides(spec.preprocess)
     version = weights_version([weights, *tok_files],

@@ -64,7 +64,7 @@ def distill(stage1_dir: Path, curated_dir: Path, aligned_dir: Path, domains: dic
     """domains: teacher -> modalities, in registry order; the aligned store holds one version per teacher."""
     torch.manual_seed(seed)
     model, meta = load_checkpoint(stage1_dir, device)
-    records, images = load_curated(curated_dir, "train", image_spec(model).size)
+    records, images = load_curated(curated_dir, "train", image_spec(model).size, ("id", "key", "caption", "modality"))
     store = FeatureStore(aligned_dir)
     held = {s["teacher"]: s for s in store.sets()}
     names = list(domains)

@@ -98,6 +98,8 @@ def train(
                 if log and (step % log_every == 0 or step == total):
                     log({**parts, "lr": sched.get_last_lr()[0], "epoch": epoch}, step)
                 history = parts
+                if step % 64 == 0 and hasattr(images, "release"):
+                    images.release()  # memory-mapped views: keep RSS flat however large the corpus
     model.eval()
     history.update({"steps": step, "train_seconds": time.perf_counter() - t0, "pairs": n})
     return history
