@@ -40,8 +40,13 @@ def test_every_step_left_its_files(smoke_run):
     assert (root / "reports" / "data_docs" / "index.html").exists()
     for t in TEACHERS:
         assert (art / "teachers" / t / "model.safetensors").exists()
-        for split in ("train", "probe", "test"):
-            assert (art / "features" / t / f"{split}.safetensors").exists()
+    for store in ("teachers", "aligned"):  # one feature set per teacher in each store, every pair covered
+        held = json.loads((art / "features" / "teachers" / "features.json").read_text())["teachers"]
+        assert set(held) == set(TEACHERS) and all(v["coverage"]["train"] == 1.0 for v in held.values())
+        assert (art / "features" / store / "index.sqlite").exists()
+        assert sorted(p.parent.parent.name for p in (art / "features" / store / "shards").glob("*/*/*.keys.npy")) \
+            == sorted(TEACHERS)
+    assert (art / "features" / "aligned" / "projector" / "projector.safetensors").exists()
     assert (art / "student_stage1" / "model.safetensors").exists()
     assert (art / "student" / "model.safetensors").exists()
 

@@ -137,7 +137,7 @@ def test_text_config_unresolvable_offline(bmc, tmp_path):
         load(tmp_path, name="biomedclip", loader="open_clip", source=str(folder))
     msg = str(err.value)
     assert "teacher 'biomedclip'" in msg and BIOMEDBERT in msg and "config.json" in msg
-    assert "text_model" in msg and "huggingface-cli download" in msg
+    assert "text_model" in msg and f"`hf download {BIOMEDBERT} config.json`" in msg
 
 
 def test_tokenizer_from_the_text_model_folder(bmc, bmc_reference, tmp_path):
@@ -164,7 +164,7 @@ def test_hf_hub_id_from_local_cache(bmc, bmc_reference, tmp_path, offline_empty_
 
 
 def test_hf_hub_id_not_cached(tmp_path):
-    with pytest.raises(TeacherLoadError, match=r"teacher 'bmc'.*'org/absent'.*huggingface-cli download org/absent"):
+    with pytest.raises(TeacherLoadError, match=r"teacher 'bmc'.*'org/absent'.*`hf download org/absent`"):
         load(tmp_path, name="bmc", loader="open_clip", source="hf-hub:org/absent")
 
 
@@ -357,7 +357,8 @@ def test_hf_clip_hub_id_from_cache(plip, tmp_path, offline_empty_cache):
     a = load(tmp_path, loader="hf_clip", source="vinid/plip")
     b = load(tmp_path, loader="hf_clip", source=str(plip))
     assert close(a.encode_texts(TEXTS), b.encode_texts(TEXTS)) and a.version == b.version
-    with pytest.raises(TeacherLoadError, match=r"teacher 'pubmedclip'.*not in the local Hugging Face cache"):
+    with pytest.raises(TeacherLoadError, match=r"teacher 'pubmedclip'.*not in the local Hugging Face cache.*"
+                                               r"`hf download flaviagiammarino/pubmed-clip-vit-base-patch32`"):
         load(tmp_path, name="pubmedclip", loader="hf_clip", source="flaviagiammarino/pubmed-clip-vit-base-patch32")
 
 

@@ -15,6 +15,15 @@ key names (vision_model.model.*, vision_model.projection_head.weight, text_model
 text_model.projection_head.weight, logit_scale) in transformers 4.24's naming, which MedCLIP pins: Swin
 attention.self.query/key/value, attention.output.dense, intermediate.dense, output.dense,
 attention.self.relative_position_bias_table and the relative_position_index buffers; BERT embeddings.position_ids.
+
+unimed_clip_twin (github mbzuai-oryx/UniMed-CLIP): a QuickGELU ViT (open_clip's VisionTransformer, the same names and
+forward as UniMed's VisualTransformer in src/open_clip/model.py; 224 px, patch 32, width 128 so that upstream's
+heads = width // 64 gives 2), a BERT text tower without pooler and the bias-free MLP projection of its HFTextEncoder
+(proj.0, GELU, proj.2), saved with the CLIP attribute names (visual.*, text_encoder.transformer.*,
+text_encoder.proj.*, logit_scale) either as a training checkpoint (src/training/main.py save_checkpoint: {"epoch",
+"name", "state_dict", "optimizer", "scaler"}, keys `module.`-prefixed by DistributedDataParallel, BERT
+position_ids saved as transformers 4.x did) or as a bare state dict. The text folder has 512 positions, as
+BiomedBERT, so that the context length 256 fits.
 """
 
 from __future__ import annotations
@@ -100,6 +109,9 @@ def pmc_clip_twin(root: Path, *, layout: str = "checkpoint", seed: int = 0, widt
     torch.manual_seed(seed)
     visual = ModifiedResNet([1, 2, 1, 1], embed_dim, heads=width * 32 // 64, image_size=224, width=width).eval()
     _randomise(visual)
+    with torch.no_grad():  # peaky attention pooling, so that the head count (32 trained, 8 notebook) shows
+        visual.attnpool.q_proj.weight.mul_(4)
+        visual.attnpool.k_proj.weight.mul_(4)
     text = _bert(config)
     projection = torch.randn(hidden, embed_dim) * hidden ** -0.5
     folder = root / "pmc_clip"
@@ -155,7 +167,7 @@ def medclip_twin(root: Path, *, seed: int = 0, embed_dim: int = 24, hidden: int 
     from transformers import SwinConfig, SwinModel
 
     root = Path(root)
-    text_dir, config = text_folder(root / "text", hidden=hidden, layers=3)  # layers 1, 2 and last all differ
+    text_dir, config = text_folder(root / "text", hidden=hidden, layers=4)  # layers 1, 2, -2, last differ
     torch.manual_seed(seed)
     swin = SwinModel(SwinConfig(image_size=224, patch_size=4, embed_dim=16, depths=[2, 2], num_heads=[1, 2],
                                 window_size=7)).eval()
@@ -172,3 +184,49 @@ def medclip_twin(root: Path, *, seed: int = 0, embed_dim: int = 24, hidden: int 
     folder.mkdir(parents=True, exist_ok=True)
     torch.save(state, folder / "pytorch_model.bin")
     return MedCLIPTwin(folder, text_dir, swin, vision_proj.eval(), text, text_proj.eval(), state)
+
+
+@dataclass
+class UniMedClipTwin:
+    source: Path  # the weights file (layout checkpoint) or the folder holding it (layout bare)
+    text_dir: Path
+    visual_state: dict  # the VisionTransformer state dict (the reference forward is computed from it)
+    text: torch.nn.Module  # BertModel without pooler
+    proj: torch.nn.Sequential  # Linear, GELU, Linear
+    state: dict = field(default_factory=dict)  # the saved state dict, without `module.`
+
+
+def unimed_clip_twin(root: Path, *, layout: str = "checkpoint", seed: int = 0, width: int = 128, embed_dim: int = 24,
+                     hidden: int = 32) -> UniMedClipTwin:
+    """layout: checkpoint (unimed_clip_vit_b16.pt, a module.-prefixed training checkpoint) or bare (a folder holding
+    unimed-clip-vit-b16.pt, the state dict alone)."""
+    from open_clip.transformer import QuickGELU, VisionTransformer
+    from transformers import BertModel
+
+    root = Path(root)
+    text_dir, config = text_folder(root / "text", hidden=hidden, max_positions=512)
+    torch.manual_seed(seed)
+    visual = VisionTransformer(224, 32, width, 2, width // 64, 4.0, output_dim=embed_dim, act_layer=QuickGELU).eval()
+    _randomise(visual)
+    text = BertModel(config, add_pooling_layer=False).eval()
+    _randomise(text, 0.5)
+    mid = (hidden + embed_dim) // 2
+    proj = torch.nn.Sequential(torch.nn.Linear(hidden, mid, bias=False), torch.nn.GELU(),
+                               torch.nn.Linear(mid, embed_dim, bias=False)).eval()
+    visual_state = {k: v.clone() for k, v in visual.state_dict().items()}
+    state = {f"visual.{k}": v for k, v in visual_state.items()}
+    bert = _v4_bert_state(text) if layout == "checkpoint" else dict(text.state_dict())
+    state.update({f"text_encoder.transformer.{k}": v for k, v in bert.items()})
+    state.update({f"text_encoder.proj.{k}": v.detach().clone() for k, v in proj.state_dict().items()})
+    state["logit_scale"] = torch.tensor(4.6052)
+    folder = root / "unimed_clip"
+    folder.mkdir(parents=True, exist_ok=True)
+    if layout == "bare":
+        torch.save(state, folder / "unimed-clip-vit-b16.pt")
+        return UniMedClipTwin(folder, text_dir, visual_state, text, proj, state)
+    path = folder / "unimed_clip_vit_b16.pt"
+    torch.save({"epoch": 10, "name": "ViT-B-16-twin", "state_dict": {f"module.{k}": v for k, v in state.items()},
+                "optimizer": {"state": {}, "param_groups": [{"lr": 5e-4, "weight_decay": 0.0, "params": [0, 1]}]},
+                "scaler": {"scale": 65536.0, "growth_factor": 2.0, "backoff_factor": 0.5, "growth_interval": 2000,
+                           "_growth_tracker": 0}}, path)
+    return UniMedClipTwin(path, text_dir, visual_state, text, proj, state)

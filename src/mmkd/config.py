@@ -165,7 +165,7 @@ class TeacherSpec(Strict):
 
     name: str = Field(..., pattern=r"^[A-Za-z0-9_.-]+$")
     loader: Literal["embedded", "open_clip", "hf_clip", "adapter"] = "embedded"
-    adapter: str | None = Field(None, description="loader adapter: the bespoke family (pmc_clip, medclip)")
+    adapter: str | None = Field(None, description="loader adapter: the bespoke family (pmc_clip, medclip, unimed_clip)")
     source: str | None = Field(None, description="hf-hub:org/name, a local folder (hub layout) or a checkpoint file; "
                                                  "embedded: default artifacts/teachers/NAME")
     model: str | None = Field(None, description="open_clip config name (embedded; open_clip with a checkpoint file)")

@@ -3,17 +3,24 @@
 from __future__ import annotations
 
 import json
-from functools import lru_cache
+from pathlib import Path
 
 from mmkd.steps.common import Context, StepRun, seed_everything
 from mmkd.steps.teachers import load_teachers
 
 
-@lru_cache(maxsize=4)
-def _worker_teachers(root: str, params_path: str, profile: str) -> dict:
-    """Teachers loaded once per worker process (a Dask worker runs many units)."""
-    ctx = Context.load(root, params_path, profile)
-    return {spec.name: enc for spec, enc in load_teachers(ctx)}
+_WORKER_TEACHERS: dict[tuple[str, str, str], dict] = {}
+
+
+def _worker_teachers(root: str, params_path: str, profile: str, versions: dict[str, str]) -> dict:
+    """Teachers loaded once per worker process (a Dask worker runs many units), reloaded when the plan names
+    other versions (a long-lived worker outliving a retraining)."""
+    key = (root, params_path, profile)
+    held = _WORKER_TEACHERS.get(key)
+    if held is None or any(t not in held or held[t].version != v for t, v in versions.items()):
+        ctx = Context.load(root, params_path, profile)
+        _WORKER_TEACHERS[key] = held = {spec.name: enc for spec, enc in load_teachers(ctx)}
+    return held
 
 
 def cache_unit(root: str, params_path: str, profile: str, plan_path: str) -> dict:
@@ -23,8 +30,9 @@ def cache_unit(root: str, params_path: str, profile: str, plan_path: str) -> dic
     ctx = Context.load(root, params_path, profile)
     f = ctx.params.features
     seed_everything(ctx.params.seed, f.dask.threads_per_worker if f.executor == "dask" else ctx.params.threads)
-    return run_unit(plan_path, ctx.ws.curated, ctx.ws.teacher_features, _worker_teachers(root, params_path, profile),
-                    f.batch_size, f.dtype, f.decode_workers)
+    versions = json.loads(Path(plan_path).read_text())["versions"]
+    return run_unit(plan_path, ctx.ws.curated, ctx.ws.teacher_features,
+                    _worker_teachers(root, params_path, profile, versions), f.batch_size, f.dtype, f.decode_workers)
 
 
 def step_cache_features(ctx: Context, run: StepRun) -> dict:

@@ -85,8 +85,8 @@ def _locate(spec: TeacherSpec, fail) -> Path:
         if cached is not None:
             return cached
         raise fail(f"no folder {path}, and '{spec.source}' is not in the local Hugging Face cache ({hub_cache()}); "
-                   f"downloads are off: run `huggingface-cli download {spec.source}` (set HF_HOME for another "
-                   f"cache) or give the downloaded folder as `source`")
+                   f"downloads are off: run `hf download {spec.source}` (huggingface-cli download on older "
+                   f"huggingface_hub; set HF_HOME for another cache) or give the downloaded folder as `source`")
     raise fail(f"source {path} does not exist")
 
 

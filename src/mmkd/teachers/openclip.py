@@ -105,8 +105,8 @@ def _text_model_dir(spec: TeacherSpec, text_cfg: dict, folder: Path | None, fail
     beside = folder / TEXT_SUBDIR if folder else f"<teacher folder>/{TEXT_SUBDIR}"
     raise fail(f"its text tower is the Hugging Face model '{name}', whose config.json is not available offline. "
                f"Provide it one of these ways: `text_model: <folder with {name}'s config.json>` in the registry "
-               f"entry; or copy that config.json into {beside}; or `huggingface-cli download {name} config.json` "
-               f"into the HF cache ({hub_cache()}; set HF_HOME for another one)")
+               f"entry; or copy that config.json into {beside}; or `hf download {name} config.json` (huggingface-cli "
+               f"download on older huggingface_hub) into the HF cache ({hub_cache()}; set HF_HOME for another one)")
 
 
 def _tokenizer(model_name: str, text_cfg: dict, dirs: list[Path | None], ctx: int, fail: Fail):
@@ -138,8 +138,8 @@ def _locate(spec: TeacherSpec, fail: Fail) -> Path:
         folder = hub_snapshot(repo, "open_clip_config.json")
         if folder is None:
             raise fail(f"'{repo}' is not in the local Hugging Face cache ({hub_cache()}) and downloads are off; "
-                       f"run `huggingface-cli download {repo}` (set HF_HOME to use another cache), or download it to a "
-                       f"folder and give that folder as `source`")
+                       f"run `hf download {repo}` (huggingface-cli download on older huggingface_hub; set HF_HOME to "
+                       f"use another cache), or download it to a folder and give that folder as `source`")
         return folder
     path = Path(spec.source).expanduser()
     if not path.exists():

@@ -1,17 +1,16 @@
-"""Owns the `adapter` loader: bespoke teacher checkpoints rebuilt from upstream building blocks, one module per family.
+"""Owns the `adapter` loader: bespoke teacher checkpoints rebuilt from upstream building blocks, one module per family."""
 
-A family module exposes `load(spec, device, fail) -> Encoder` and is registered by one line in ADAPTERS (bottom of
-this file). The helpers here give every family the same guarantees: tensors only (safetensors or
-torch.load(weights_only=True)), strict loading with the mismatching keys named, text towers and tokenizers from local
-files only, and a version that hashes the weights, the tokenizer and the preprocessing.
-"""
+# A family module exposes `load(spec, device, fail) -> Encoder` and is registered by one line in ADAPTERS (bottom of
+# this file). The helpers give every family the same guarantees: tensors only (safetensors or
+# torch.load(weights_only=True)), strict loading that names the mismatching keys, text towers and tokenizers from
+# local files only, and a version hashing the weights, the tokenizer and the preprocessing (docs/teachers.md).
 
 from __future__ import annotations
 
 import pickle
 import zipfile
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import torch
 
@@ -76,8 +75,8 @@ def split_prefixes(state: dict, parts: dict[str, str], ignored: tuple[str, ...],
             unknown.append(key)
     empty = [p for p, name in parts.items() if not out[name]]
     if unknown or empty:
-        raise fail(f"{path} is not the expected checkpoint: unexpected keys {unknown[:5]}"
-                   + (f", nothing under {empty}" if empty else ""))
+        why = ([f"unexpected keys {unknown[:5]}"] if unknown else []) + ([f"nothing under {empty}"] if empty else [])
+        raise fail(f"{path} is not the expected checkpoint: {'; '.join(why)}")
     return out
 
 
@@ -101,12 +100,13 @@ def load_strict(module: torch.nn.Module, state: dict, what: str, path: Path, fai
     module.load_state_dict(state, strict=True)
 
 
-def text_tower(spec: TeacherSpec, hub_id: str, fail: Fail):
-    """The Hugging Face text model (built from config.json) and tokenizer in `text_model`; and the files to hash."""
+def text_tower(spec: TeacherSpec, hub_id: str, fail: Fail, **model_kwargs):
+    """The Hugging Face text model (built from config.json; `model_kwargs` go to its constructor, e.g.
+    add_pooling_layer=False) and tokenizer in `text_model`; and the files to hash."""
     from mmkd.teachers.openclip import hub_cache, hub_snapshot
 
-    get = (f"on a connected machine `huggingface-cli download {hub_id} config.json vocab.txt tokenizer_config.json "
-           f"--local-dir <folder>`, copy it here and give that folder")
+    get = (f"on a connected machine `hf download {hub_id} config.json vocab.txt --local-dir <folder>` (older "
+           f"huggingface_hub: huggingface-cli download), copy the folder here and name it in `text_model`")
     if not spec.text_model:
         raise fail(f"adapter {spec.adapter} needs `text_model`: a local folder with config.json and the tokenizer "
                    f"files (vocab.txt or tokenizer.json) of '{hub_id}'; {get}")
@@ -126,7 +126,8 @@ def text_tower(spec: TeacherSpec, hub_id: str, fail: Fail):
 
     try:
         config = AutoConfig.from_pretrained(folder, local_files_only=True)
-        model = AutoModel.from_config(config)  # random weights: the teacher checkpoint carries the trained ones
+        # random weights: the teacher checkpoint carries the trained ones
+        model = AutoModel.from_config(config, **model_kwargs)
         tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
     except Exception as exc:
         raise fail(f"cannot build the text model or tokenizer from {folder}: {exc}") from exc
@@ -148,12 +149,13 @@ def version(spec: TeacherSpec, files: list[Path], img: ImageSpec, ctx: int) -> s
 
 
 # the families use the helpers above, so they are imported after them
-from mmkd.teachers.adapters import medclip, pmc_clip  # noqa: E402
+from mmkd.teachers.adapters import medclip, pmc_clip, unimed_clip
 
 ADAPTERS: dict[str, Callable[[TeacherSpec, torch.device, Fail], Encoder]] = {
     "pmc_clip": pmc_clip.load,
     "pmc_clip_quickstart": pmc_clip.load_quickstart,
     "medclip": medclip.load,
+    "unimed_clip": unimed_clip.load,
 }
 
 

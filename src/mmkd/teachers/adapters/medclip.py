@@ -10,8 +10,17 @@ import torch
 from mmkd.config import TeacherSpec
 from mmkd.models.encoder import Encoder
 from mmkd.models.preprocess import ImageSpec
-from mmkd.teachers.adapters import (Fail, context_length, load_strict, read_weights, source_path, split_prefixes,
-                                    tensor_dict, text_tower, version)
+from mmkd.teachers.adapters import (
+    Fail,
+    context_length,
+    load_strict,
+    read_weights,
+    source_path,
+    split_prefixes,
+    tensor_dict,
+    text_tower,
+    version,
+)
 
 TEXT_HUB = "emilyalsentzer/Bio_ClinicalBERT"  # medclip/constants.py BERT_TYPE
 WEIGHTS = ("pytorch_model.bin", "model.safetensors")  # constants.WEIGHTS_NAME in medclip-vit-pretrained.zip

@@ -10,8 +10,17 @@ import torch
 from mmkd.config import TeacherSpec
 from mmkd.models.encoder import Encoder
 from mmkd.models.preprocess import OPENAI_MEAN, OPENAI_STD, ImageSpec
-from mmkd.teachers.adapters import (Fail, context_length, load_strict, read_weights, source_path, split_prefixes,
-                                    tensor_dict, text_tower, version)
+from mmkd.teachers.adapters import (
+    Fail,
+    context_length,
+    load_strict,
+    read_weights,
+    source_path,
+    split_prefixes,
+    tensor_dict,
+    text_tower,
+    version,
+)
 
 # the text tower of the released config RN50_fusion4.json (PubMedBERT, now named BiomedBERT)
 TEXT_HUB = "microsoft/BiomedNLP-BiomedBERT-base-uncased-abstract-fulltext"
