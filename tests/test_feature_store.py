@@ -280,3 +280,27 @@ def test_features_stats_reports_coverage_shards_and_size(smoke_run):
     assert {e["dim"] for e in stats["aligned"]["sets"]} == {128}
     table = CliRunner().invoke(app, ["features", "stats", "--root", str(root)])
     assert "rad-clip" in table.output and "100.0%" in table.output
+
+
+def test_a_teacher_unlike_the_views_gets_its_own_preprocessing_from_the_shards(smoke_corpus, teachers_dir, tmp_path):
+    """Bilinear squash is no decoded view: the image is decoded from the tar shard and prepared by the spec."""
+    import io
+
+    from PIL import Image
+
+    from mmkd.config import PreprocessCfg
+
+    curated = smoke_corpus / "artifacts" / "curated"
+    spec = SPECS[0].model_copy(update={"preprocess": PreprocessCfg(interpolation="bilinear", resize_mode="squash")})
+    enc = load_teacher(spec, teachers_dir, CPU)
+    assert enc.spec.interpolation == "bilinear" and enc.version != load_teacher(SPECS[0], teachers_dir, CPU).version
+    cache_corpus(curated, tmp_path / "store", [(spec, enc)], FeaturesCfg(batch_size=64), show_progress=False)
+    records = split_records(curated, "probe")[:6]
+    pil = []
+    for rec in records:
+        with open(curated / "shards" / f"{rec['shard']}.tar", "rb") as fh:
+            fh.seek(rec["offset"])
+            pil.append(Image.open(io.BytesIO(fh.read(rec["size"]))).convert("RGB"))
+    store = FeatureStore(tmp_path / "store")
+    got, _ = store.gather(*store.locate("rad", enc.version, np.array([r["key"] for r in records], dtype="S32")), 160)
+    assert np.allclose(got, enc.encode_pil(pil), atol=1e-5)

@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import mmap
 import os
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -120,6 +121,12 @@ class Views:
             self._open[key] = np.load(self.dir / "decoded" / str(spec.size) / f"{record['shard']}.npy", mmap_mode="r")
         return np.array(self._open[key][record["row"]])
 
+    def release(self) -> None:
+        """Drop the resident pages of the views read so far (they stay in the page cache): without this a unit
+        of 16k records keeps ~300 MB of views in RSS."""
+        for view in self._open.values():
+            view._mmap.madvise(mmap.MADV_DONTNEED)
+
 
 def run_unit(plan_path: Path, curated_dir: Path, store_root: Path, encoders: dict[str, Encoder], batch_size: int,
              dtype: str, decode_workers: int = 2, progress: Callable[[int], None] | None = None,
@@ -145,7 +152,10 @@ def run_unit(plan_path: Path, curated_dir: Path, store_root: Path, encoders: dic
                 pil = _decode(curated_dir, rec)  # decoded once, for every teacher that needs it
                 out.update({s: prepare(pil, s) for s in wanted if s not in out})
             return out
-        return list(pool.map(one, batch))
+        prepared = list(pool.map(one, batch))
+        if views:
+            views.release()
+        return prepared
 
     # one streaming writer per teacher: memory stays one batch, however many rows a shard holds
     writers = {t: ShardWriter(store_root, t, encoders[t].version, unit, len(keys), encoders[t].embed_dim, dtype)

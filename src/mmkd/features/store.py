@@ -315,7 +315,7 @@ class TeacherFeatures:
         out = {t: self.store.gather(self.shard[idx, j], self.row[idx, j], d)
                for j, (t, d) in enumerate(zip(self.names, self.dims))}
         self._reads += 1
-        if self._reads % 64 == 0:
+        if self._reads % 16 == 0:
             self.store.release()
         return out
 
@@ -339,6 +339,6 @@ class TeacherFeatures:
             sel = np.flatnonzero(choice == j)
             img[sel], txt[sel] = self.store.gather(self.shard[idx[sel], j], self.row[idx[sel], j], dim)
         self._reads += 1
-        if self._reads % 64 == 0:
+        if self._reads % 16 == 0:
             self.store.release()
         return img, txt

@@ -46,7 +46,7 @@ def warmup_cosine(warmup: int, total: int) -> Callable[[int], float]:
 def train(
     model: torch.nn.Module,
     images: np.ndarray,
-    tokens: torch.Tensor,
+    tokens: "Tokens | torch.Tensor",
     cfg: TrainCfg,
     step_fn: StepFn,
     seed: int,
@@ -98,12 +98,25 @@ def train(
                 if log and (step % log_every == 0 or step == total):
                     log({**parts, "lr": sched.get_last_lr()[0], "epoch": epoch}, step)
                 history = parts
-                if step % 64 == 0 and hasattr(images, "release"):
+                if step % 16 == 0 and hasattr(images, "release"):
                     images.release()  # memory-mapped views: keep RSS flat however large the corpus
     model.eval()
     history.update({"steps": step, "train_seconds": time.perf_counter() - t0, "pairs": n})
     return history
 
 
-def tokenize_all(tokenizer: Callable, texts: list[str], chunk: int = 4096) -> torch.Tensor:
-    return torch.cat([tokenizer(texts[i : i + chunk]) for i in range(0, len(texts), chunk)])
+class Tokens:
+    """Captions tokenised per batch when indexed: no [N, context] tensor for the whole corpus in memory."""
+
+    def __init__(self, tokenizer: Callable, texts: list[str]):
+        self.tokenizer, self.texts = tokenizer, texts
+
+    def __len__(self) -> int:
+        return len(self.texts)
+
+    def __getitem__(self, idx) -> torch.Tensor:
+        return self.tokenizer([self.texts[int(i)] for i in idx])
+
+
+def tokenize_all(tokenizer: Callable, texts: list[str]) -> Tokens:
+    return Tokens(tokenizer, texts)
