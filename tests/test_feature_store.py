@@ -111,8 +111,11 @@ def test_incremental_run_embeds_only_the_new_pairs(smoke_corpus, teachers_dir, t
     assert second["forwarded"] == {"rad": n - keep, "path": n - keep}
     shard, after, _ = all_features(tmp_path / "store", full, "rad")
     assert (shard >= 0).all() and np.array_equal(after[:keep], before)
+    index = (tmp_path / "store" / "index.sqlite").read_bytes()
     third = cache_corpus(full, tmp_path / "store", loaded(teachers_dir), cfg, show_progress=False)
     assert third["forwarded"] == {} and third["units"] == 0
+    # nothing to add writes nothing: DVC sees the store unchanged and later stages stay up to date
+    assert (tmp_path / "store" / "index.sqlite").read_bytes() == index
 
 
 def test_domain_coverage_gives_each_train_sample_its_domain_teachers(smoke_corpus, teachers_dir, tmp_path):

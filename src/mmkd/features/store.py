@@ -140,10 +140,13 @@ class FeatureStore:
     # ------------------------------------------------------------------ sets and index
 
     def register_set(self, teacher: str, version: str, dim: int, dtype: str, meta: dict | None = None) -> None:
-        row = self.db.execute("SELECT dim, dtype FROM sets WHERE teacher=? AND version=?", (teacher, version)).fetchone()
+        row = self.db.execute("SELECT dim, dtype, meta FROM sets WHERE teacher=? AND version=?",
+                              (teacher, version)).fetchone()
         if row and (row[0], row[1]) != (dim, dtype):
             raise FeatureError(f"teacher '{teacher}' version {version}: the store holds dim {row[0]} {row[1]}, "
                                f"now {dim} {dtype}; a changed `features.dtype` needs a fresh store")
+        if row and row[2] == json.dumps(meta or {}, sort_keys=True):
+            return  # unchanged: no write, so a run with nothing to add leaves the store's bytes (and DVC) as they were
         with self.db:
             self.db.execute("INSERT OR REPLACE INTO sets VALUES (?,?,?,?,?)",
                             (teacher, version, dim, dtype, json.dumps(meta or {}, sort_keys=True)))
