@@ -59,6 +59,20 @@ def smoke_run(tmp_path_factory, prefect_harness) -> dict:
 
 
 @pytest.fixture()
+def offline_empty_cache(tmp_path, monkeypatch) -> Path:
+    """HF_HUB_OFFLINE and an empty hub cache, for tests that load teachers the Hugging Face way."""
+    from huggingface_hub import constants
+
+    cache = tmp_path / "hf-home" / "hub"
+    cache.mkdir(parents=True)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HOME", str(cache.parent))
+    # huggingface_hub reads HF_HOME at import; its lookups use this module attribute
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(cache))
+    return cache
+
+
+@pytest.fixture()
 def workspace(tmp_path) -> Path:
     write_params(tmp_path)
     return tmp_path

@@ -31,17 +31,8 @@ LONG = " ".join(["left pleural effusion"] * 40)  # > 77 tokens: both models trun
 TEXTS = ["chest x-ray showing a tumor", "ct scan of the brain", "no acute findings", LONG]
 
 
-@pytest.fixture(autouse=True)
-def offline_empty_cache(tmp_path, monkeypatch) -> Path:
-    """No test may reach the network or a real cache: HF_HUB_OFFLINE and an empty hub cache."""
-    from huggingface_hub import constants
-
-    cache = tmp_path / "hf-home" / "hub"
-    cache.mkdir(parents=True)
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setenv("HF_HOME", str(cache.parent))
-    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(cache))
-    return cache
+# no test here may reach the network or a real Hugging Face cache (tests/conftest.py)
+pytestmark = pytest.mark.usefixtures("offline_empty_cache")
 
 
 def spec(name="t", adapter="pmc_clip", **kw) -> TeacherSpec:
@@ -382,7 +373,7 @@ def test_unimed_clip_errors_name_the_teacher(tmp_path):
     msg = err(text_model=None)
     assert "microsoft/BiomedNLP-BiomedBERT-base-uncased-abstract" in msg and "hf download" in msg
     (tmp_path / "empty").mkdir()
-    assert "expected one of unimed-clip-vit-b16.pt" in err(source=tmp_path / "empty")
+    assert "expected unimed-clip-vit-b16.pt" in err(source=tmp_path / "empty")
     data = twin.source.read_bytes()
     (tmp_path / "trunc.pt").write_bytes(data[: len(data) // 2])
     assert "corrupt" in err(source=tmp_path / "trunc.pt")

@@ -22,18 +22,8 @@ CPU = torch.device("cpu")
 TEXTS = ["chest x-ray showing a tumor", "ct scan of the brain", "normal lung, an image"]
 
 
-@pytest.fixture(autouse=True)
-def offline_empty_cache(tmp_path, monkeypatch) -> Path:
-    """No test may reach the network or a real cache: HF_HUB_OFFLINE and an empty hub cache."""
-    from huggingface_hub import constants
-
-    cache = tmp_path / "hf-home" / "hub"
-    cache.mkdir(parents=True)
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setenv("HF_HOME", str(cache.parent))
-    # huggingface_hub reads HF_HOME at import; its lookups use this module attribute
-    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(cache))
-    return cache
+# no test here may reach the network or a real Hugging Face cache (tests/conftest.py)
+pytestmark = pytest.mark.usefixtures("offline_empty_cache")
 
 
 def images(sizes=((200, 170), (130, 260), (160, 160))) -> list[Image.Image]:

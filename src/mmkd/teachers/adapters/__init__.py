@@ -29,6 +29,17 @@ def source_path(spec: TeacherSpec, fail: Fail) -> Path:
     return path
 
 
+def weights_file(spec: TeacherSpec, names: tuple[str, ...], family: str, hint: str, fail: Fail) -> Path:
+    """`source` as a weights file, or the first of `names` in the folder it names."""
+    path = source_path(spec, fail)
+    if path.is_dir():
+        found = next((path / n for n in names if (path / n).is_file()), None)
+        if found is None:
+            raise fail(f"no {family} weights in {path}: expected {' or '.join(names)} ({hint})")
+        path = found
+    return path
+
+
 def _reason(exc: Exception) -> str:
     """The informative line of torch.load's long messages (the refused global, the zip error)."""
     lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]

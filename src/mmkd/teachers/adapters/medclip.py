@@ -15,7 +15,7 @@ from mmkd.teachers.adapters import (
     context_length,
     load_strict,
     read_weights,
-    source_path,
+    weights_file,
     split_prefixes,
     tensor_dict,
     text_tower,
@@ -108,12 +108,7 @@ def _head(state: dict, what: str, path: Path, fail: Fail) -> torch.nn.Linear:
 
 
 def load(spec: TeacherSpec, device: torch.device, fail: Fail) -> MedCLIPEncoder:
-    path = source_path(spec, fail)
-    if path.is_dir():
-        path = next((path / n for n in WEIGHTS if (path / n).is_file()), None) or path
-        if path.is_dir():
-            raise fail(f"no MedCLIP weights in {path}: expected {' or '.join(WEIGHTS)} (the unzipped "
-                       f"medclip-vit-pretrained.zip)")
+    path = weights_file(spec, WEIGHTS, "MedCLIP", "the unzipped medclip-vit-pretrained.zip", fail)
     state = tensor_dict(read_weights(path, fail), path, fail)
     if "vision_model.model.conv1.weight" in state:
         raise fail(f"{path} is MedCLIP-ResNet50; this adapter builds MedCLIP-ViT (Swin-T, medclip-vit-pretrained)")

@@ -15,7 +15,7 @@ from mmkd.teachers.adapters import (
     context_length,
     load_strict,
     read_weights,
-    source_path,
+    weights_file,
     split_prefixes,
     tensor_dict,
     text_tower,
@@ -98,12 +98,7 @@ def _mlp(proj: dict, path: Path, fail: Fail) -> torch.nn.Sequential:
 
 
 def load(spec: TeacherSpec, device: torch.device, fail: Fail) -> UniMedClipEncoder:
-    path = source_path(spec, fail)
-    if path.is_dir():
-        path = next((path / n for n in WEIGHTS if (path / n).is_file()), None) or path
-        if path.is_dir():
-            raise fail(f"no UniMed-CLIP weights in {path}: expected one of {', '.join(WEIGHTS)} (or give the file "
-                       f"itself as source)")
+    path = weights_file(spec, WEIGHTS, "UniMed-CLIP", "or give the file itself as source", fail)
     ckpt = read_weights(path, fail)
     # factory.py load_state_dict (l.53-61): the `state_dict` of a training checkpoint, `module.` stripped
     state = tensor_dict(ckpt.get("state_dict", ckpt) if isinstance(ckpt, dict) else ckpt, path, fail)
