@@ -1,1 +1,1 @@
-"""Features: the on-disk teacher feature cache and the multi-teacher projector to the student's dimension."""
+"""Features: the sharded teacher feature store, filling it in work units, and aligning it to the student."""

@@ -42,6 +42,8 @@ def step_cache_features(ctx: Context, run: StepRun) -> dict:
     ws, f = ctx.ws, ctx.params.features
     run.log_params({"features": f.model_dump()})
     loaded = load_teachers(ctx)
+    # units mapped onto threads of this process reuse these encoders instead of loading every teacher again
+    _WORKER_TEACHERS[(str(ws.root), str(ctx.params_path), ctx.params.profile)] = {s.name: e for s, e in loaded}
     done = cache_corpus(ws.curated, ws.teacher_features, loaded, f, ctx.map_units)
     store = FeatureStore(ws.teacher_features)
     summary = feature_summary(ctx, store, loaded)
