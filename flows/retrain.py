@@ -43,7 +43,12 @@ def retrain(profile: str | None = None, root: str = ".", params_path: str | None
         finish_pipeline(ctx, parent, ok=False)
         raise
     seconds = time.perf_counter() - t0
+    reg = results["register"]["summary"]
+    logger.info("registered %s v%s: %s (%s); champion: v%s", reg["model_name"], reg["version"],
+                "promoted" if reg["promoted"] else "held", reg["reason"], reg["champion_version"])
     finish_pipeline(ctx, parent, ok=True, summary={"pipeline_seconds": seconds,
                                            **{f"{k}_seconds": v["seconds"] for k, v in results.items()}})
-    return {"parent_run_id": parent, "seconds": seconds, "registration": results["register"]["summary"],
+    # registration: model_uri (the new version), champion_uri, and the gate's promoted, reason, challenger_score,
+    # champion_score (mmkd.tracking.gate)
+    return {"parent_run_id": parent, "seconds": seconds, "registration": reg,
             "steps": {k: v["seconds"] for k, v in results.items()}}

@@ -260,7 +260,7 @@ def test_dask_executor_runs_units_in_worker_processes(smoke_run, tmp_path, prefe
     out = cache_features(str(tmp_path), str(tmp_path / "params.yaml"), "smoke", None)["summary"]
     assert out["units"] >= 4 and out["worker_processes"] >= 2 and os.getpid()
     curated = tmp_path / "artifacts" / "curated"
-    for t in ("rad-clip", "path-clip", "vis-clip"):
+    for t in ("rad-clip", "path-clip", "vis-clip", "bio-clip"):
         s1, i1, t1 = all_features(tmp_path / "artifacts" / "features" / "teachers", curated, t)
         s2, i2, t2 = all_features(src / "artifacts" / "features" / "teachers", curated, t)
         assert (s1 >= 0).all() and np.allclose(i1, i2, atol=1e-5) and np.allclose(t1, t2, atol=1e-5)
@@ -276,7 +276,7 @@ def test_features_stats_reports_coverage_shards_and_size(smoke_run):
     assert out.exit_code == 0, out.output
     stats = json.loads(out.output)
     raw = {e["teacher"]: e for e in stats["teachers"]["sets"]}
-    assert set(raw) == {"rad-clip", "path-clip", "vis-clip"}
+    assert set(raw) == {"rad-clip", "path-clip", "vis-clip", "bio-clip"}
     assert all(e["coverage"] == {"train": 1.0, "probe": 1.0, "test": 1.0} and e["shards"] >= 1 for e in raw.values())
     assert stats["teachers"]["bytes"] == sum(f.stat().st_size for f in (root / "artifacts/features/teachers").rglob("*")
                                              if f.suffix in (".npy", ".sqlite"))

@@ -54,8 +54,48 @@ def test_distill_routes_teachers_by_domain_and_saves_a_student(aligned, tmp_path
     assert abs(hist["teacher_share_path"] - routed) < 0.1, (hist["teacher_share_path"], routed)
     assert (tmp_path / "student" / "model.safetensors").exists()
     meta = json.loads((tmp_path / "student" / "model.json").read_text())
-    assert meta["teachers"] == ["rad", "path"] and meta["stage"] == 2
+    assert meta["teachers"] == ["rad", "path"] and meta["stage"] == 2 and meta["strategy"] == "reference"
     assert np.isfinite(hist["loss"]) and hist["loss_fd"] > 0
+    # the ICL temperature learns at its own lr, stays in its bounds, and model.json holds the value the loss used
+    assert meta["icl_temperature"] == pytest.approx(hist["icl_temperature"])
+    assert 0.01 <= meta["icl_temperature"] <= 1.0 and meta["icl_temperature"] != pytest.approx(0.07, abs=1e-4)
+    weights = json.loads((tmp_path / "student" / "teacher_weights.json").read_text())
+    assert weights["strategy"] == "reference" and weights["teacher_share"]["path"] == pytest.approx(
+        hist["teacher_share_path"])
+
+
+@pytest.mark.parametrize("strategy", ["mean", "routed", "relational"])
+def test_distill_strategies_train_from_the_stores(aligned, tmp_path, strategy):
+    root, features = aligned
+    curated = root / "artifacts" / "curated"
+    torch.manual_seed(0)
+    save_checkpoint(create_model("mmkd-student-tiny"), tmp_path / "stage1", "mmkd-student-tiny")
+    cfg = DistillCfg(strategy=strategy, train=TrainCfg(epochs=1, batch_size=32, warmup_steps=1))
+    # relational reads the raw store only: no aligned store needed
+    aligned_dir = features / "aligned" if strategy != "relational" else tmp_path / "no-aligned-store"
+    hist = distill(tmp_path / "stage1", curated, aligned_dir, DOMAINS, cfg, 0, CPU, tmp_path / "student",
+                   teacher_dir=features / "raw")
+    assert np.isfinite(hist["loss"]) and sum(hist[f"teacher_share_{t}"] for t in DOMAINS) == pytest.approx(1)
+    weights = json.loads((tmp_path / "student" / "teacher_weights.json").read_text())
+    assert weights["strategy"] == strategy
+    if strategy == "relational":
+        assert hist["loss_relational"] > 0 and "icl_temperature" not in hist
+    else:
+        assert hist["loss_fd"] > 0 and hist["loss_icl"] > 0
+    if strategy == "routed":
+        # routed by declared domain: `path` never speaks on radiology, `rad` never on pathology
+        assert weights["weights"]["pathology"]["rad"] == 0 and weights["weights"]["xray"]["path"] == 0
+        assert weights["weights"]["pathology"]["path"] == 1 and hist["route_weight.xray.rad"] == 1
+        assert set(weights["quality"]) >= {"xray", "pathology"}
+
+
+def test_routed_and_relational_need_the_raw_store(aligned, tmp_path):
+    root, features = aligned
+    save_checkpoint(create_model("mmkd-student-tiny"), tmp_path / "stage1", "mmkd-student-tiny")
+    cfg = DistillCfg(strategy="routed", train=TrainCfg(epochs=1, batch_size=32, warmup_steps=1))
+    with pytest.raises(FeatureError, match="reads the raw teacher feature store"):
+        distill(tmp_path / "stage1", root / "artifacts" / "curated", features / "aligned", DOMAINS, cfg, 0, CPU,
+                tmp_path / "student")
 
 
 def test_distill_refuses_missing_teachers_and_wrong_dims(aligned, tmp_path):

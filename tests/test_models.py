@@ -96,3 +96,35 @@ def test_training_is_repeatable_for_a_seed(tmp_path):
     a, b, c = (load_file(tmp_path / r / "model.safetensors") for r in "abc")
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert not all(torch.equal(a[k], c[k]) for k in a)
+
+
+def test_student_starts_from_a_natural_image_clip_image_tower(tmp_path):
+    """pretrain.init: the image tower comes from the checkpoint, the text tower keeps its own weights."""
+    import torch
+    from safetensors.torch import save_file
+
+    from mmkd.models.factory import create_model
+    import pytest
+
+    from mmkd.models.init import InitError, init_from_clip
+
+    torch.manual_seed(1)
+    natural = create_model("mmkd-student-tiny")  # stands in for MetaCLIP: same image tower, its own text tower
+    nested = {"epoch": 32, "state_dict": {f"module.{k}": v for k, v in natural.state_dict().items()}}
+    torch.save(nested, tmp_path / "epoch_32.pt")
+    torch.manual_seed(2)
+    student = create_model("mmkd-student-tiny")
+    before = {k: v.clone() for k, v in student.state_dict().items()}
+    info = init_from_clip(student, tmp_path / "epoch_32.pt")
+    after = student.state_dict()
+    assert info["loaded"] == sum(1 for k in after if k.startswith("visual.")) and info["missing"] == 0
+    assert all(torch.equal(after[k], natural.state_dict()[k]) for k in after if k.startswith("visual."))
+    assert all(torch.equal(after[k], before[k]) for k in after if not k.startswith("visual."))
+    # a hub-layout folder works too
+    (tmp_path / "hub").mkdir()
+    save_file({k: v.contiguous() for k, v in natural.state_dict().items()}, tmp_path / "hub" / "open_clip_model.safetensors")
+    assert init_from_clip(create_model("mmkd-student-tiny"), tmp_path / "hub")["loaded"] == info["loaded"]
+    with pytest.raises(InitError, match="no weights under"):
+        init_from_clip(student, tmp_path / "hub", towers=("vision_model",))
+    with pytest.raises(InitError, match="does not exist"):
+        init_from_clip(student, tmp_path / "nowhere.pt")

@@ -134,7 +134,10 @@ def run(profile: Optional[str] = ProfileOpt, root: Path = RootOpt, params: Optio
     ws = ctx.ws
     typer.echo("\n" + ws.leaderboard.read_text())
     typer.echo(f"metrics:      {ws.metrics}\nleaderboard:  {ws.leaderboard}\nData Docs:    {ws.reports / 'data_docs' / 'index.html'}")
-    typer.echo(f"model:        {result['registration']['model_uri']} (tracking {result['registration']['tracking_uri']})")
+    reg = result["registration"]
+    typer.echo(f"model:        {reg['model_uri']} (tracking {reg['tracking_uri']})")
+    typer.echo(f"gate:         {'promoted to' if reg['promoted'] else 'not promoted to'} {reg['champion_alias']}: "
+               f"{reg['reason']}; {reg['champion_uri']} is v{reg['champion_version']}")
     typer.echo("MLflow UI:    bash mlflow_server/start.sh   then open http://127.0.0.1:5000")
     typer.echo(f"wall time:    {result['seconds']:.0f} s")
 

@@ -142,8 +142,14 @@ class TrainCfg(Strict):
     betas: tuple[float, float] = (0.9, 0.98)
     eps: float = 1e-6
     warmup_steps: int = Field(20, ge=0)
-    precision: Literal["fp32", "bf16"] = "fp32"
-    augment: bool = True
+    precision: Literal["fp32", "bf16"] = Field("fp32", description="bf16: autocast (use on CUDA; slow on CPU)")
+    augment: bool = Field(True, description="RandomResizedCrop, scale 0.9-1.0 (the reference's)")
+    grad_clip_norm: float | None = Field(None, gt=0, description="clip the global gradient norm; null: off")
+    accum_steps: int = Field(1, ge=1, description="micro-batches per step; the contrastive batch stays batch_size")
+    grad_checkpointing: bool = Field(False, description="recompute activations in backward: less memory, ~30% slower")
+    checkpoint_every: int = Field(0, ge=0, description="write the training state every N steps (0: at the end only)")
+    resume: Literal["auto", "never"] = Field("auto", description="auto: continue an unfinished run of the same config")
+    log_every: int = Field(1, ge=1, description="log loss terms, lr and samples/s to MLflow every N steps")
 
 
 class PreprocessCfg(Strict):
@@ -200,9 +206,35 @@ class TeacherSpec(Strict):
         return self
 
 
+class TeacherCorpusCfg(Strict):
+    """What the embedded teachers train on (docs/teachers.md: the embedded world)."""
+
+    source: Literal["synthetic", "curated"] = Field(
+        "synthetic", description="synthetic: each embedded teacher gets its own corpus from the generator, disjoint "
+        "from the student's data; curated: the curated train split of its modalities (the student's own data)")
+    per_modality: int = Field(600, ge=1, description="synthetic: pairs per modality of each embedded teacher's "
+                                                      "corpus; must exceed synth.train_per_modality")
+    per_teacher: dict[str, int] = Field(default_factory=dict, description="synthetic: teacher name -> its own "
+                                        "per_modality (a generalist's corpus is thinner per modality)")
+    workers: int = Field(2, ge=1, description="synthetic: rendering processes (1: in the step's process)")
+
+    def size_for(self, teacher: str) -> int:
+        """Pairs per modality of this teacher's corpus."""
+        return self.per_teacher.get(teacher, self.per_modality)
+
+
 class TeachersCfg(Strict):
     registry: list[TeacherSpec]
+    corpus: TeacherCorpusCfg = TeacherCorpusCfg()
     train: TrainCfg = TrainCfg()
+
+    @model_validator(mode="after")
+    def _corpus_names(self) -> "TeachersCfg":
+        embedded = {t.name for t in self.registry if t.loader == "embedded"}
+        bad = sorted(set(self.corpus.per_teacher) - embedded)
+        if bad:
+            raise ValueError(f"corpus.per_teacher: {bad} not embedded teachers of the registry ({sorted(embedded)})")
+        return self
 
     @field_validator("registry")
     @classmethod
@@ -247,17 +279,37 @@ class AlignCfg(Strict):
     dropout: float = 0.2
 
 
+class InitCfg(Strict):
+    """Start the student from a local CLIP checkpoint (the reference: MetaCLIP ViT-B/16), loaded non-strictly."""
+
+    source: str = Field(description="a weights file (.safetensors / .bin / .pt) or a hub-layout folder")
+    towers: list[str] = Field(default_factory=lambda: ["visual"], description="state-dict prefixes to load")
+
+
 class PretrainCfg(Strict):
-    model: str = "mmkd-student-tiny"
+    model: str = Field("mmkd-student-tiny", description="an open_clip config name (mmkd's in models/model_configs)")
+    init: InitCfg | None = None
     train: TrainCfg = TrainCfg()
 
 
 class DistillCfg(Strict):
+    """Stage-2 distillation (docs/distillation.md): the strategy, its loss weights and temperatures."""
+
     train: TrainCfg = TrainCfg(epochs=3, lr=1e-4, warmup_steps=10)
-    fd_weight: float = 50.0
-    icl_weight: float = 1.0
-    icl_init_temperature: float = 0.07
+    strategy: Literal["reference", "mean", "routed", "relational"] = Field(
+        "reference", description="reference: one random eligible teacher per sample and step; mean: every eligible "
+        "teacher, averaged; routed: teachers weighted by their probe quality on the sample's modality; relational: "
+        "the teachers' in-batch similarity structure (soft-target cross entropy)")
+    fd_weight: float = Field(50.0, ge=0, description="weight of FD (reference, mean, routed)")
+    fd_reference_dim: int = Field(512, ge=1, description="FD = squared error summed over dims / this: fd_weight "
+                                  "means what it means in the reference's 512-d recipe whatever the student's dim")
+    icl_weight: float = Field(1.0, ge=0, description="weight of ICL (reference, mean, routed)")
+    icl_init_temperature: float = Field(0.07, ge=0.01, le=1.0, description="initial ICL temperature (scale 1/T)")
     learn_icl_temperature: bool = True
+    icl_lr: float = Field(1e-2, gt=0, description="lr of the ICL log-scale (own group, no weight decay)")
+    routed_temperature: float = Field(0.05, gt=0, description="routed: softmax temperature over teacher quality")
+    relational_weight: float = Field(1.0, ge=0, description="relational: weight of the similarity distillation")
+    teacher_temperature: float = Field(0.07, gt=0, description="relational: teacher logits = cosine / this")
     route_by_modality: bool = True
 
 
@@ -268,13 +320,32 @@ class EvaluateCfg(Strict):
 
 
 class RegisterCfg(Strict):
+    """The registry and the promotion gate (mmkd.tracking.gate).
+
+    Every registered version gets `challenger_alias`; `champion_alias` moves to it only when its `metric`
+    (a dotted path into reports/metrics.json: model.held-out set.metric) is at least the champion's
+    (at most, when `higher_is_better` is false).
+    """
+
     model_name: str = "mmkd-student"
-    alias: str = "champion"
+    challenger_alias: str = Field("challenger", min_length=1)
+    champion_alias: str = Field("champion", min_length=1)
+    metric: str = Field("student.mean.zeroshot_acc1", min_length=1)
+    higher_is_better: bool = True
+
+    @model_validator(mode="after")
+    def _distinct_aliases(self) -> "RegisterCfg":
+        if self.challenger_alias == self.champion_alias:
+            raise ValueError(f"challenger_alias and champion_alias must differ (both '{self.champion_alias}')")
+        return self
 
 
 class TrackingCfg(Strict):
     experiment: str = "mmkd"
     tracking_uri: str | None = None
+    # MLflow system metrics (CPU, memory, disk, network; GPU with nvidia-ml-py) on every step's run
+    system_metrics: bool = True
+    system_metrics_interval: float = Field(10.0, gt=0)  # seconds between samples
 
 
 class ScheduleCfg(Strict):
@@ -306,6 +377,24 @@ class Params(Strict):
 
     model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
 
+    @model_validator(mode="after")
+    def _teacher_corpora(self) -> "Params":
+        """An embedded teacher's own corpus is larger than the student's share of its domain (as the real ones)."""
+        if self.teachers.corpus.source != "synthetic":
+            return self
+        share, corpus = self.synth.train_per_modality, self.teachers.corpus
+        for t in self.teachers.registry:
+            if t.loader != "embedded":
+                continue
+            n = corpus.size_for(t.name)
+            if n <= share:
+                key = f"teachers.corpus.per_teacher.{t.name}" if t.name in corpus.per_teacher else \
+                    "teachers.corpus.per_modality"
+                raise ValueError(f"{key}: {n} pairs per modality for teacher '{t.name}' must exceed "
+                                 f"synth.train_per_modality ({share}): an embedded teacher's own corpus is larger "
+                                 f"than the student's share of its domain")
+        return self
+
 
 def deep_merge(base: dict, overlay: dict) -> dict:
     out = copy.deepcopy(base)
@@ -321,7 +410,8 @@ def _format_errors(err: ValidationError, source: str) -> str:
     lines = [f"{source}: invalid configuration"]
     for e in err.errors():
         key = ".".join(str(p) for p in e["loc"])
-        lines.append(f"  {key}: {e['msg']}")
+        # a cross-section check (no location) names its keys in the message
+        lines.append(f"  {key}: {e['msg']}" if key else f"  {e['msg'].removeprefix('Value error, ')}")
     return "\n".join(lines)
 
 
@@ -394,6 +484,10 @@ class Workspace:
     @property
     def student(self) -> Path:
         return self.artifacts / "student"
+
+    def train_state(self, name: str) -> Path:
+        """Resumable training state of one loop (not a DVC output: `dvc repro` must not delete it)."""
+        return self.artifacts / "train_state" / name
 
     @property
     def validation_report(self) -> Path:

@@ -179,6 +179,10 @@ TEMPLATES = (
 )
 PROMPT_TEMPLATES = ("a {mod} showing {what}", "{what} on {mod}", "a {mod} with {what}")
 SPLITS = ("train", "probe", "test")
+# the embedded teachers' own corpora (data/teacher_corpus.py): a fourth RNG namespace, one stream per teacher,
+# so no teacher sample can coincide with a student sample or with another teacher's
+TEACHER_SPLIT = "teacher"
+_NAMESPACES = (*SPLITS, TEACHER_SPLIT)
 
 
 def _cap(s: str) -> str:
@@ -210,9 +214,17 @@ def tasks_description(modalities: list[str]) -> dict:
     }
 
 
-def render_sample(seed: int, modality: str, split: str, index: int, size: int, difficulty: float):
-    """One (image, record) pair; an independent rng per sample keeps generation order-free."""
-    rng = np.random.default_rng([seed, MODALITIES.index(modality), SPLITS.index(split), index])
+def render_sample(seed: int, modality: str, split: str, index: int, size: int, difficulty: float,
+                  stream: int | None = None):
+    """One (image, record) pair; an independent rng per sample keeps generation order-free.
+
+    split: train, probe, test (the student's corpus) or `teacher` with `stream` (an embedded teacher's own
+    corpus; data/teacher_corpus.py); the rng key is (seed, modality, split[, stream], index).
+    """
+    if (split == TEACHER_SPLIT) != (stream is not None):
+        raise ValueError(f"render_sample: split '{split}' {'needs' if stream is None else 'takes no'} `stream`")
+    key = [seed, MODALITIES.index(modality), _NAMESPACES.index(split), *([] if stream is None else [stream]), index]
+    rng = np.random.default_rng(key)
     classes = list(SPECS[modality].findings)
     finding = classes[index % len(classes)]  # balanced classes
     contrast = float(rng.uniform(0.6 - 0.55 * difficulty, 1.0))
@@ -224,7 +236,7 @@ def render_sample(seed: int, modality: str, split: str, index: int, size: int, d
     img = RENDERERS[modality](rng, size, finding, attrs, contrast)
     img = finish(img, rng, noise=0.02 + 0.08 * difficulty)
     caption = caption_for(rng, modality, finding, attrs)
-    sid = f"{modality}-{split}-{index:05d}"
+    sid = f"{modality}-{split}-{index:05d}" if stream is None else f"{modality}-{split}{stream:08x}-{index:05d}"
     record = {
         "id": sid, "image": f"images/{modality}/{split}/{sid}.png", "caption": caption,
         "modality": modality, "labels": {"finding": finding, **attrs}, "split": split,

@@ -90,7 +90,7 @@ def leaderboard(results: dict, candidates: list[Candidate]) -> str:
     datasets = [d for d in next(iter(results.values())) if d != "mean"]
     order = sorted(results, key=lambda n: -results[n]["mean"]["zeroshot_acc1"])
     lines = ["# Leaderboard", "", "Held-out test sets of the embedded corpus, one per modality. "
-             "Means are over all sets; teachers are domain specialists, so most sets are outside their domain.", "",
+             "Means are over all sets, so a specialist teacher's mean counts the sets outside its domain.", "",
              "| model | kind | domain | " + " | ".join(f"mean {h}" for h in HEADLINE) + " |",
              "|---|---|---|" + "---|" * len(HEADLINE)]
     for n in order:

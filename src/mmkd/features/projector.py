@@ -49,21 +49,26 @@ def train_projector(features: dict, latent: int, cfg: AlignCfg, seed: int) -> tu
     dims = {t: int(x.shape[1]) for t, x in features.items()}
     model = MultiTeacherAutoencoder(dims, latent, cfg.hidden, cfg.dropout)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=1e-4)
-    losses: dict[str, float] = {}
     model.train()
+    names = list(features)
     for _ in progress(range(cfg.epochs), desc="projector", unit="epoch"):
-        for t, x in features.items():
-            order = torch.randperm(len(x), generator=gen)
-            total, count = 0.0, 0
-            for i in range(0, len(x), cfg.batch_size):
-                batch = x[order[i : i + cfg.batch_size].sort().values]  # sorted: kinder to memory-mapped shards
-                noisy = batch + cfg.noise_std * torch.randn(batch.shape, generator=gen)
-                loss = F.mse_loss(model(t, noisy), batch)
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
-                total, count = total + loss.item() * len(batch), count + len(batch)
-            losses[t] = total / max(1, count)
+        # every teacher's batches, shuffled together: the shared encoder never trains on one teacher for long
+        batches = []
+        for t in names:
+            order = torch.randperm(len(features[t]), generator=gen)
+            batches += [(t, order[i : i + cfg.batch_size]) for i in range(0, len(order), cfg.batch_size)]
+        totals = {t: [0.0, 0] for t in names}
+        for k in torch.randperm(len(batches), generator=gen).tolist():
+            t, rows = batches[k]
+            batch = features[t][rows.sort().values]  # sorted: kinder to memory-mapped shards
+            noisy = batch + cfg.noise_std * torch.randn(batch.shape, generator=gen)
+            loss = F.mse_loss(model(t, noisy), batch)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            totals[t][0] += loss.item() * len(batch)
+            totals[t][1] += len(batch)
+        losses = {t: total / max(1, count) for t, (total, count) in totals.items()}
     model.eval()
     return model, {f"recon_mse_{t}": v for t, v in losses.items()}
 

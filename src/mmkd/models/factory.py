@@ -98,24 +98,14 @@ def image_spec(model: torch.nn.Module) -> ImageSpec:
     return spec_from_open_clip(cfg)
 
 
-def to_tensor(images: np.ndarray, spec: ImageSpec, device, augment: bool = False,
-              generator: torch.Generator | None = None) -> torch.Tensor:
-    """uint8 NHWC -> normalised float NCHW at the model's size; optional RandomResizedCrop(0.9-1.0)."""
+def to_tensor(images: np.ndarray, spec: ImageSpec, device, crops: torch.Tensor | None = None) -> torch.Tensor:
+    """uint8 NHWC -> normalised float NCHW at the model's size; crops (training.augment.draw_crops) crop first."""
     # np.array copies: batches sliced from a read-only memory-mapped shard cannot back a tensor
     x = torch.from_numpy(np.array(images, dtype=np.uint8)).to(device).permute(0, 3, 1, 2).float() / 255.0
-    if augment:
-        n, _, h, w = x.shape
-        # per-sample crop boxes drawn from the seeded generator, applied in one batched resample
-        scale = torch.empty(n).uniform_(0.9, 1.0, generator=generator)
-        ratio = torch.exp(torch.empty(n).uniform_(np.log(3 / 4), np.log(4 / 3), generator=generator))
-        cw = torch.sqrt(scale * ratio).clamp(max=1.0)
-        ch = torch.sqrt(scale / ratio).clamp(max=1.0)
-        cx = (torch.rand(n, generator=generator) * 2 - 1) * (1 - cw)
-        cy = (torch.rand(n, generator=generator) * 2 - 1) * (1 - ch)
-        theta = torch.zeros(n, 2, 3)
-        theta[:, 0, 0], theta[:, 0, 2], theta[:, 1, 1], theta[:, 1, 2] = cw, cx, ch, cy
-        grid = F.affine_grid(theta.to(device), (n, 3, spec.size, spec.size), align_corners=False)
-        x = F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
+    if crops is not None:
+        from mmkd.training.augment import apply_crops
+
+        x = apply_crops(x, crops, spec)
     elif x.shape[-1] != spec.size or x.shape[-2] != spec.size:
         mode = "bicubic" if spec.interpolation == "bicubic" else spec.interpolation
         x = F.interpolate(x, size=(spec.size, spec.size), mode=mode,

@@ -12,7 +12,7 @@ from typing import Callable
 
 from mmkd.steps.align import step_align
 from mmkd.steps.cache_features import step_cache_features
-from mmkd.steps.common import PIPELINE, Context, StepRun, seed_everything
+from mmkd.steps.common import PIPELINE, Context, NullRun, StepRun, is_secondary_rank, seed_everything
 from mmkd.steps.curate import step_curate
 from mmkd.steps.distill import step_distill
 from mmkd.steps.evaluate import step_evaluate
@@ -38,6 +38,8 @@ def run_step(name: str, ctx: Context) -> dict:
     if name not in STEPS:
         raise KeyError(f"unknown step '{name}'; steps: {list(STEPS)}")
     seed_everything(ctx.params.seed, ctx.params.threads)
+    if is_secondary_rank():  # under torchrun: train as one rank, leave tracking and outputs to rank 0
+        return {"step": name, "summary": STEPS[name](ctx, NullRun())}
     tracker = ctx.tracker()
     t0 = time.perf_counter()
     with tracker.run(name, ctx.tags(name), ctx.parent_run_id) as run:

@@ -40,7 +40,9 @@ class Context:
         return cls(Workspace(root, params), params_path.resolve(), parent_run_id or os.environ.get(PARENT_ENV))
 
     def tracker(self) -> Tracker:
-        return Tracker(self.ws.root, self.params.tracking.experiment, self.params.tracking.tracking_uri)
+        t = self.params.tracking
+        return Tracker(self.ws.root, t.experiment, t.tracking_uri,
+                       system_metrics=t.system_metrics_interval if t.system_metrics else None)
 
     def tags(self, step: str) -> dict:
         return {"mmkd.step": step, "mmkd.profile": self.params.profile, "mmkd.seed": self.params.seed,
@@ -65,3 +67,15 @@ def _metric_logger(run: StepRun, prefix: str) -> Callable[[dict, int], None]:
     return lambda metrics, step: run.log_metrics({f"{prefix}.{k}": v for k, v in metrics.items()}, step)
 
 
+class NullRun:
+    """The MLflow run of a torchrun rank other than 0: the step runs, rank 0 alone records it."""
+
+    run_id = None
+
+    def __getattr__(self, name: str):
+        return lambda *args, **kwargs: None
+
+
+def is_secondary_rank() -> bool:
+    """True in torchrun's ranks 1..N-1 (RANK is set by torchrun before any process group exists)."""
+    return int(os.environ.get("RANK", "0")) > 0

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import subprocess
 import time
@@ -16,6 +17,7 @@ from mlflow import MlflowClient
 from mlflow.entities import Metric, Param, RunTag
 
 PARENT_ENV = "MMKD_PARENT_RUN_ID"
+log = logging.getLogger("mmkd")
 
 
 def tracking_uri(root: Path, configured: str | None = None) -> str:
@@ -95,11 +97,53 @@ class StepRun:
             self.client.log_artifact(self.run_id, str(path), artifact_path)
 
 
-class Tracker:
-    """One experiment; creates parent and nested step runs by id."""
+class SystemMetrics:
+    """MLflow's own system-metrics monitor (CPU, memory, disk, network; GPU when nvidia-ml-py finds one) on a run id.
 
-    def __init__(self, root: Path, experiment: str, configured_uri: str | None = None):
+    MLflow samples every `interval` seconds but logs only whole intervals, and stops without logging once the
+    run ends; `stop` takes one last sample and logs the partial interval too, so a step shorter than the
+    interval still gets one point. Monitoring never fails a step: errors are logged and ignored.
+    """
+
+    def __init__(self, run_id: str, tracking_uri: str, interval: float = 10.0):
+        self.monitor = None
+        quiet = logging.getLogger("mlflow.system_metrics.system_metrics_monitor")
+        if quiet.level == logging.NOTSET:  # its start/stop lines, four per step, unless configured otherwise
+            quiet.setLevel(logging.WARNING)
+        try:
+            from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+            self.monitor = SystemMetricsMonitor(run_id, sampling_interval=interval, tracking_uri=tracking_uri)
+            self.monitor.start()
+        except Exception as e:  # noqa: BLE001 - e.g. psutil missing
+            log.warning("system metrics off for run %s: %s", run_id, e)
+            self.monitor = None
+
+    def stop(self) -> None:
+        m, self.monitor = self.monitor, None
+        if m is None:
+            return
+        try:
+            m.finish()  # stops and joins the sampling thread, logs what it had queued
+            m.collect_metrics()
+            last = m.aggregate_metrics()
+            if last:
+                m.publish_metrics(last)
+                m.mlflow_logger.flush()
+        except Exception as e:  # noqa: BLE001
+            log.warning("system metrics: last sample not logged: %s", e)
+
+
+class Tracker:
+    """One experiment; creates parent and nested step runs by id.
+
+    `system_metrics`: seconds between system-metrics samples on each step run (`run`), or None for none.
+    """
+
+    def __init__(self, root: Path, experiment: str, configured_uri: str | None = None,
+                 system_metrics: float | None = None):
         self.uri = tracking_uri(root, configured_uri)
+        self.system_metrics = system_metrics
         self.client = MlflowClient(tracking_uri=self.uri, registry_uri=self.uri)
         exp = self.client.get_experiment_by_name(experiment)
         if exp is None:
@@ -122,9 +166,14 @@ class Tracker:
     @contextmanager
     def run(self, name: str, tags: dict, parent_run_id: str | None = None) -> Iterator[StepRun]:
         step = self.start(name, tags, parent_run_id)
+        monitor = SystemMetrics(step.run_id, self.uri, self.system_metrics) if self.system_metrics else None
         try:
             yield step
         except BaseException:
+            if monitor:
+                monitor.stop()
             self.finish(step, ok=False)
             raise
+        if monitor:
+            monitor.stop()
         self.finish(step, ok=True)

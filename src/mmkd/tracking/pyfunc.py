@@ -1,10 +1,16 @@
-"""Owns the student as an MLflow pyfunc model: base64 images and/or captions in, unit embeddings out."""
+"""Owns the student as an MLflow pyfunc model: base64 images and/or captions in, unit embeddings out.
+
+`log_student` logs (and registers) it; `load_student` turns any model URI back into the torch model.
+"""
 
 from __future__ import annotations
 
 import base64
 import io
+import os
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
+from typing import Iterator
 
 import mlflow
 import numpy as np
@@ -74,3 +80,83 @@ def signature() -> ModelSignature:
     outputs = Schema([ColSpec(Array("double"), "image_embedding", required=False),
                       ColSpec(Array("double"), "text_embedding", required=False)])
     return ModelSignature(inputs=inputs, outputs=outputs)
+
+
+MODEL_NAME = "student"  # the model's name in its run (runs:/<run_id>/student)
+PIP_REQUIREMENTS = ["torch", "open_clip_torch", "safetensors", "pillow", "pandas", "numpy"]
+
+
+def log_student(checkpoint: Path, run_id: str, tracking_uri: str, registered_model_name: str | None = None,
+                metadata: dict | None = None):
+    """Log a student checkpoint folder as the models-from-code pyfunc `student` of run `run_id`.
+
+    With `registered_model_name` it is also registered as a new version of that model. Returns MLflow's
+    ModelInfo (`registered_model_version`, `model_uri`).
+    """
+    with _mlflow_uris(tracking_uri), mlflow.start_run(run_id=run_id):
+        return mlflow.pyfunc.log_model(
+            name=MODEL_NAME, python_model=str(Path(__file__).with_name("student_model_code.py")),
+            artifacts={"checkpoint": str(checkpoint)}, signature=signature(), input_example=example_input(),
+            code_paths=[str(Path(__file__).parents[1])], pip_requirements=PIP_REQUIREMENTS,
+            registered_model_name=registered_model_name, await_registration_for=60, metadata=metadata)
+
+
+@contextmanager
+def _mlflow_uris(uri: str) -> Iterator[None]:
+    """MLflow's fluent API (log_model) on `uri`, then MLflow's global URIs and their env variables as they were
+    (mlflow.set_tracking_uri also exports MLFLOW_TRACKING_URI, which would redirect every later step)."""
+    from mlflow.tracking._model_registry import utils as registry
+    from mlflow.tracking._tracking_service import utils as tracking
+
+    names = ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI")
+    env = {k: os.environ.get(k) for k in names}
+    saved = (tracking._tracking_uri, registry._registry_uri)
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_registry_uri(uri)
+    try:
+        yield
+    finally:
+        mlflow.set_tracking_uri(saved[0])
+        registry._registry_uri = saved[1]
+        for k, v in env.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+def checkpoint_dir(uri: str | Path, tracking_uri: str | None = None) -> Path:
+    """The local student checkpoint folder (model.json + model.safetensors) behind `uri`.
+
+    `uri`: a checkpoint folder, a downloaded MLflow model folder, or any MLflow model URI
+    (models:/name@alias, models:/name/3, runs:/<run_id>/student, m-<model id> as models:/m-...).
+    A remote model is downloaded whole (MLflow returns a local artifact store's folder as it is). With
+    `tracking_uri`, MLflow's global tracking/registry URIs point at it during the download (not thread-safe).
+    """
+    from mlflow.artifacts import download_artifacts
+    from mlflow.models import Model
+
+    local = Path(str(uri))
+    if not local.is_dir():
+        # models:/ URIs resolve against MLflow's global registry URI whatever download_artifacts is given
+        with _mlflow_uris(tracking_uri) if tracking_uri else nullcontext():
+            local = Path(download_artifacts(artifact_uri=str(uri)))
+    if (local / "model.json").exists():
+        return local
+    if not (local / "MLmodel").exists():
+        raise FileNotFoundError(f"{uri}: neither an mmkd checkpoint folder (model.json) nor an MLflow model (MLmodel)")
+    return local / _checkpoint_path(Model.load(str(local / "MLmodel")), str(uri))
+
+
+def _checkpoint_path(model, where: str) -> str:
+    artifacts = (model.flavors.get("python_function") or {}).get("artifacts") or {}
+    if "checkpoint" not in artifacts:
+        raise ValueError(f"{where}: not an mmkd student model (its pyfunc flavor has no `checkpoint` artifact)")
+    return artifacts["checkpoint"]["path"]
+
+
+def load_student(uri: str | Path, device: str = "cpu", tracking_uri: str | None = None):
+    """The student as a torch model (an open_clip CLIP in eval mode) and its checkpoint's metadata."""
+    from mmkd.models.factory import load_checkpoint
+
+    return load_checkpoint(checkpoint_dir(uri, tracking_uri), device)

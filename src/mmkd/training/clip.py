@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
 from typing import Callable
 
@@ -11,23 +12,28 @@ import torch
 
 from mmkd.config import TrainCfg
 from mmkd.models.factory import create_model, save_checkpoint
+from mmkd.training import distributed
 from mmkd.training.loop import tokenize_all, train
-from mmkd.training.losses import clip_loss
-
-
-def clip_step(model, x, tok, idx):
-    img = model.encode_image(x, normalize=True)
-    txt = model.encode_text(tok, normalize=True)
-    return clip_loss(img.float(), txt.float(), model.logit_scale.exp()), {"logit_scale": model.logit_scale.exp().item()}
+from mmkd.training.objective import ClipObjective
 
 
 def train_clip(model_name: str, images: np.ndarray, captions: list[str], cfg: TrainCfg, seed: int,
                device: torch.device, out_dir: Path, desc: str, log: Callable | None = None,
-               extra_meta: dict | None = None) -> dict:
-    """Train a fresh model from its config on (images, captions) and save it as safetensors."""
+               extra_meta: dict | None = None, state_dir: Path | None = None,
+               init: Callable[[torch.nn.Module], dict] | None = None) -> dict:
+    """Train a model from its config on (images, captions) and save it as safetensors (rank 0).
+
+    init, when given, loads starting weights into the fresh model (e.g. a natural-image CLIP) and returns what
+    it loaded, which becomes part of the run's fingerprint and metadata.
+    """
     torch.manual_seed(seed)
     model = create_model(model_name, device=device)
+    started_from = init(model) if init else {}
     tokens = tokenize_all(open_clip.get_tokenizer(model_name), captions)
-    history = train(model, images, tokens, cfg, clip_step, seed, device, desc, log)
-    save_checkpoint(model, out_dir, model_name, {**(extra_meta or {}), "train_pairs": len(captions)})
+    data_id = hashlib.sha256("\n".join(captions).encode()).hexdigest()[:16]
+    history = train(model, images, tokens, cfg, ClipObjective(), seed, device, desc, log, state_dir,
+                    {"model": model_name, "init": started_from, "captions": data_id})
+    if distributed.is_main():
+        save_checkpoint(model, out_dir, model_name, {**(extra_meta or {}), "train_pairs": len(captions),
+                                                     **({"init": started_from} if started_from else {})})
     return history

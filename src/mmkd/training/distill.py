@@ -1,12 +1,16 @@
-"""Owns stage-2 multi-teacher distillation: one random eligible teacher per sample, task + FD + ICL.
+"""Owns stage-2 multi-teacher distillation: builds the chosen strategy's Objective from the feature stores and
+runs the training loop with it (strategies: mmkd.training.strategies; formulas: docs/distillation.md).
 
-Teacher targets are the aligned (projected, student-dimension) features, read from the feature store batch by
-batch: no teacher runs here, and nothing corpus-sized but the per-sample shard locations is held in memory.
+Teacher targets come from the feature stores batch by batch: the aligned (projected, student-dimension) store for
+FD and ICL, the raw (native-dimension) store for the routed strategy's teacher quality and the relational
+strategy's similarity structure. No teacher runs here, and nothing corpus-sized but the per-sample shard
+locations and the [N, T] eligibility mask is held in memory.
 """
 
 from __future__ import annotations
 
-import math
+import hashlib
+import json
 from pathlib import Path
 from typing import Callable
 
@@ -15,11 +19,14 @@ import open_clip
 import torch
 
 from mmkd.config import DistillCfg
-from mmkd.data.store import load_curated
+from mmkd.data.store import load_curated, split_records
 from mmkd.features.store import FeatureError, FeatureStore, TeacherFeatures
 from mmkd.models.factory import image_spec, load_checkpoint, model_config, save_checkpoint
-from mmkd.training.loop import MAX_LOGIT_SCALE, tokenize_all, train
-from mmkd.training.losses import distillation_loss
+from mmkd.training import distributed
+from mmkd.training.loop import tokenize_all, train
+from mmkd.training.strategies import STRATEGIES, Supervision, TeacherSampler, teacher_quality  # noqa: F401 (re-export)
+
+WEIGHTS_FILE = "teacher_weights.json"  # written next to the student: shares, and routed's quality/weight tables
 
 
 def routing(domains: dict[str, list[str]], modalities: list[str], route_by_modality: bool) -> np.ndarray:
@@ -31,18 +38,6 @@ def routing(domains: dict[str, list[str]], modalities: list[str], route_by_modal
             allowed = set(domains[t])
             mask[:, j] = [m in allowed for m in modalities]
     return mask
-
-
-class TeacherSampler:
-    """Draws, per sample and per step, one teacher uniformly among those eligible for it."""
-
-    def __init__(self, eligible: np.ndarray, seed: int):
-        self.eligible = torch.from_numpy(eligible)
-        self.gen = torch.Generator().manual_seed(seed)
-
-    def draw(self, idx: torch.Tensor) -> torch.Tensor:
-        mask = self.eligible[idx].float()
-        return torch.multinomial(mask / mask.sum(1, keepdim=True), 1, generator=self.gen).squeeze(1)
 
 
 def eligibility(records: list[dict], available: np.ndarray, domains: dict[str, list[str]], route: bool) -> tuple[np.ndarray, int]:
@@ -59,49 +54,120 @@ def eligibility(records: list[dict], available: np.ndarray, domains: dict[str, l
     return eligible, int(orphans.sum())
 
 
-def distill(stage1_dir: Path, curated_dir: Path, aligned_dir: Path, domains: dict[str, list[str]], cfg: DistillCfg,
-            seed: int, device: torch.device, out_dir: Path, log: Callable | None = None) -> dict:
-    """domains: teacher -> modalities, in registry order; the aligned store holds one version per teacher."""
-    torch.manual_seed(seed)
-    model, meta = load_checkpoint(stage1_dir, device)
-    records, images = load_curated(curated_dir, "train", image_spec(model).size, ("id", "key", "caption", "modality"))
-    store = FeatureStore(aligned_dir)
+def _aligned_sets(store: FeatureStore, names: list[str], student_dim: int) -> dict[str, dict]:
     held = {s["teacher"]: s for s in store.sets()}
-    names = list(domains)
     missing = [t for t in names if t not in held]
     if missing:
-        raise FeatureError(f"{aligned_dir}: no aligned features of teachers {missing}; run align")
-    student_dim = model_config(meta["model"])["embed_dim"]
+        raise FeatureError(f"{store.root}: no aligned features of teachers {missing}; run align")
     wrong = {t: held[t]["dim"] for t in names if held[t]["dim"] != student_dim}
     if wrong:
         raise FeatureError(f"aligned teacher dims {wrong} != student embed_dim {student_dim}; re-run align for "
                            "this student")
-    targets = TeacherFeatures(store, [(t, held[t]["version"]) for t in names],
-                              np.array([r["key"] for r in records], dtype="S32"))
-    eligible, orphans = eligibility(records, targets.available, domains, cfg.route_by_modality)
-    icl_logit = torch.nn.Parameter(torch.tensor(math.log(1.0 / cfg.icl_init_temperature), device=device),
-                                   requires_grad=cfg.learn_icl_temperature)
-    sampler = TeacherSampler(eligible, seed + 1)
-    drawn = torch.zeros(len(names), dtype=torch.long)
+    return held
 
-    def step(m, x, tok, idx):
-        choice = sampler.draw(idx)
-        drawn.add_(torch.bincount(choice, minlength=len(names)))
-        t_img, t_txt = (torch.from_numpy(a).to(device) for a in targets.chosen(idx.numpy(), choice.numpy()))
-        s_img = m.encode_image(x, normalize=True).float()
-        s_txt = m.encode_text(tok, normalize=True).float()
-        icl_scale = icl_logit.clamp(0, MAX_LOGIT_SCALE).exp()
-        loss, parts = distillation_loss(s_img, s_txt, t_img, t_txt, m.logit_scale.exp(), icl_scale,
-                                        cfg.fd_weight, cfg.icl_weight)
-        return loss, {**parts, "icl_temperature": 1.0 / icl_scale.item()}
 
+def _raw_versions(store: FeatureStore, names: list[str], given: dict[str, str] | None,
+                  aligned: dict[str, dict] | None) -> dict[str, str]:
+    """The raw feature set of each teacher: as given (the step passes cache_features' record), else the one the
+    aligned features were projected from, else the only one the raw store holds."""
+    held: dict[str, list[str]] = {}
+    for s in store.sets():
+        held.setdefault(s["teacher"], []).append(s["version"])
+    out = {}
+    for t in names:
+        if given and t in given:
+            v = given[t]
+        elif aligned and "raw_version" in aligned[t]["meta"]:
+            v = aligned[t]["meta"]["raw_version"]
+        elif len(held.get(t, [])) == 1:
+            v = held[t][0]
+        else:
+            raise FeatureError(f"{store.root}: teacher '{t}' has {len(held.get(t, []))} raw feature sets; "
+                               "run cache_features")
+        if v not in held.get(t, []):
+            raise FeatureError(f"{store.root}: no raw features of teacher '{t}' version {v}; run cache_features")
+        if aligned and aligned[t]["meta"].get("raw_version", v) != v:
+            raise FeatureError(f"the aligned features of teacher '{t}' were projected from version "
+                               f"{aligned[t]['meta']['raw_version']}, the raw store holds {v}; re-run align")
+        out[t] = v
+    return out
+
+
+def _file_hash(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while block := fh.read(1 << 20):
+            h.update(block)
+    return h.hexdigest()[:16]
+
+
+def distill(stage1_dir: Path, curated_dir: Path, aligned_dir: Path, domains: dict[str, list[str]], cfg: DistillCfg,
+            seed: int, device: torch.device, out_dir: Path, log: Callable | None = None,
+            teacher_dir: Path | None = None, raw_versions: dict[str, str] | None = None,
+            state_dir: Path | None = None) -> dict:
+    """Distil the teachers into the stage-1 student with `cfg.strategy`; save it to out_dir (rank 0).
+
+    domains: teacher -> modalities, in registry order. aligned_dir: the aligned store (one version per teacher;
+    read by reference, mean, routed). teacher_dir: the raw store (read by routed and relational); raw_versions:
+    each teacher's raw feature version (default: the one its aligned features came from, else the store's only
+    one).
+    state_dir: the loop's resumable training state. Returns the loop's history with the objective's summary
+    (teacher shares, ICL temperature, routed's weight table as `route_weight.<modality>.<teacher>`).
+    """
+    torch.manual_seed(seed)
+    kind = STRATEGIES[cfg.strategy]
+    model, meta = load_checkpoint(stage1_dir, device)
+    records, images = load_curated(curated_dir, "train", image_spec(model).size, ("id", "key", "caption", "modality"))
+    names = list(domains)
+    keys = np.array([r["key"] for r in records], dtype="S32")
+    stores: list[FeatureStore] = []
+    sup = Supervision(names=names, eligible=np.zeros((len(records), len(names)), bool))
+    versions: dict[str, str] = {}
+    aligned_held = None
+    if "aligned" in kind.needs:
+        store = FeatureStore(aligned_dir)
+        stores.append(store)
+        aligned_held = _aligned_sets(store, names, model_config(meta["model"])["embed_dim"])
+        sup.aligned = TeacherFeatures(store, [(t, aligned_held[t]["version"]) for t in names], keys)
+        versions.update({t: aligned_held[t]["version"] for t in names})
+    raw_store = None
+    if "raw" in kind.needs or "quality" in kind.needs:
+        if teacher_dir is None:
+            raise FeatureError(f"distill.strategy '{cfg.strategy}' reads the raw teacher feature store; pass its "
+                               "folder (artifacts/features/teachers)")
+        raw_store = FeatureStore(teacher_dir)
+        stores.append(raw_store)
+        raw_sets = _raw_versions(raw_store, names, raw_versions, aligned_held)
+        versions.update({f"{t}@raw": v for t, v in raw_sets.items()})
+        if "raw" in kind.needs:
+            sup.raw = TeacherFeatures(raw_store, [(t, raw_sets[t]) for t in names], keys)
+    available = (sup.aligned if sup.aligned is not None else sup.raw).available
+    sup.eligible, orphans = eligibility(records, available, domains, cfg.route_by_modality)
+    if "quality" in kind.needs:
+        probe = split_records(curated_dir, "probe", ("key", "modality", "labels"))
+        modalities = sorted({r["modality"] for r in records} | {r["modality"] for r in probe})
+        index = {m: i for i, m in enumerate(modalities)}
+        probe_features = TeacherFeatures(raw_store, [(t, raw_sets[t]) for t in names],
+                                         np.array([r["key"] for r in probe], dtype="S32"))
+        sup.quality = teacher_quality(probe_features, [(r.get("labels") or {}).get("finding") for r in probe],
+                                      np.array([index[r["modality"]] for r in probe], dtype=np.int64), len(modalities))
+        sup.modalities = modalities
+        sup.modality = np.array([index[r["modality"]] for r in records], dtype=np.int64)
+        sup.routed = routing(domains, modalities, cfg.route_by_modality)
+        raw_store.release()
+    objective = kind(sup, cfg, seed, device)
     tokens = tokenize_all(open_clip.get_tokenizer(meta["model"]), [r["caption"] for r in records])
-    history = train(model, images, tokens, cfg.train, step, seed, device, "distill", log,
-                    extra_params=[icl_logit] if cfg.learn_icl_temperature else None)
-    store.close()
-    share = (drawn.float() / drawn.sum().clamp(min=1)).tolist()
-    history.update({f"teacher_share_{t}": s for t, s in zip(names, share)})
+    fingerprint = {"stage1": _file_hash(Path(stage1_dir) / "model.safetensors"), "teachers": versions,
+                   "distill": cfg.model_dump(exclude={"train"}), "domains": domains,
+                   "captions": hashlib.sha256("\n".join(r["caption"] for r in records).encode()).hexdigest()[:16]}
+    history = train(model, images, tokens, cfg.train, objective, seed, device, "distill", log, state_dir, fingerprint)
+    for store in stores:
+        store.close()
     history["orphan_samples"] = orphans
-    save_checkpoint(model, out_dir, meta["model"], {"stage": 2, "teachers": names,
-                                                   "icl_temperature": float(1.0 / icl_logit.exp().item())})
+    if distributed.is_main():
+        extra = {"stage": 2, "teachers": names, "strategy": cfg.strategy}
+        if objective.uses_icl:
+            extra["icl_temperature"] = objective.icl_temperature  # the clamped value the loss used
+        save_checkpoint(model, out_dir, meta["model"], extra)
+        (Path(out_dir) / WEIGHTS_FILE).write_text(json.dumps(objective.report(), indent=1, sort_keys=True))
     return history

@@ -1,20 +1,24 @@
-"""Owns the one CLIP training loop (teachers, stage 1, stage 2): AdamW groups, warm-up + cosine, seeded order."""
+"""Owns the one CLIP training loop (teachers, stage 1, stage 2): optimiser, schedule, accumulation, DDP, resume."""
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
+from pathlib import Path
 from typing import Callable
 
 import numpy as np
 import torch
-from mmkd.progress import progress
 
 from mmkd.config import TrainCfg
 from mmkd.models.factory import image_spec, to_tensor
+from mmkd.progress import progress
+from mmkd.training import checkpoint, distributed
+from mmkd.training.augment import draw_crops
+from mmkd.training.objective import Objective
 
 MAX_LOGIT_SCALE = math.log(100.0)
-StepFn = Callable[[torch.nn.Module, torch.Tensor, torch.Tensor, torch.Tensor], tuple[torch.Tensor, dict]]
 
 
 def param_groups(modules: list[torch.nn.Module | torch.nn.Parameter], weight_decay: float) -> list[dict]:
@@ -48,61 +52,159 @@ def train(
     images: np.ndarray,
     tokens: "Tokens | torch.Tensor",
     cfg: TrainCfg,
-    step_fn: StepFn,
+    objective: Objective,
     seed: int,
     device: torch.device,
     desc: str,
     log: Callable[[dict, int], None] | None = None,
-    extra_params: list[torch.nn.Parameter] | None = None,
-    log_every: int = 10,
+    state_dir: Path | None = None,
+    fingerprint: dict | None = None,
 ) -> dict:
-    """Run cfg.epochs over (images, tokens); step_fn(model, x, tok, idx) returns (loss, parts)."""
+    """Run cfg.epochs over (images, tokens) minimising objective; single-process or one rank under torchrun.
+
+    Every `cfg.checkpoint_every` steps and at the end, rank 0 writes the whole training state to state_dir;
+    with `cfg.resume: auto` a run whose state_dir holds an unfinished state of the same fingerprint continues
+    from it, and on CPU ends with the weights an uninterrupted run would have.
+    """
     n = len(images)
     if n < 2:
         raise ValueError(f"{desc}: need at least 2 training pairs, got {n}")
+    device = distributed.init_from_env(device)
+    world, main = distributed.world_size(), distributed.is_main()
     batch = min(cfg.batch_size, n)
+    batch -= batch % (world * cfg.accum_steps)  # every rank and micro-batch gets the same number of rows
+    if batch < 2 * world:
+        raise ValueError(f"{desc}: batch {cfg.batch_size} is too small for {world} processes x "
+                         f"{cfg.accum_steps} accumulation steps")
+    rows = distributed.local_slice(batch)
     steps_per_epoch = n // batch  # drop the ragged tail: contrastive losses want full batches
     total = steps_per_epoch * cfg.epochs
     model.to(device).train()
-    opt = torch.optim.AdamW(param_groups([model, *(extra_params or [])], cfg.weight_decay),
+    if cfg.grad_checkpointing:
+        model.set_grad_checkpointing(True)
+    net = model
+    if world > 1:
+        from torch.nn.parallel import DistributedDataParallel
+
+        net = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    opt = torch.optim.AdamW(param_groups([model], cfg.weight_decay) + objective.param_groups(),
                             lr=cfg.lr, betas=cfg.betas, eps=cfg.eps)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, warmup_cosine(cfg.warmup_steps, total))
     gen = torch.Generator().manual_seed(seed)
     spec = image_spec(model)
+    print_fp = checkpoint.fingerprint(desc, cfg.model_dump(exclude={"resume", "checkpoint_every", "log_every"}),
+                                      n, seed, world, fingerprint or {})
+    state = distributed.broadcast_object(checkpoint.resumable(state_dir, cfg.resume, print_fp, desc) is not None)
+    step, epoch, pos, order, history, resumed_from = 0, 0, 0, None, {}, None
+    if state:
+        saved = checkpoint.load_state(state_dir)
+        model.load_state_dict(saved["model"])
+        opt.load_state_dict(saved["optimizer"])
+        sched.load_state_dict(saved["scheduler"])
+        objective.load_state_dict(saved["objective"])
+        checkpoint.set_rng_state(saved["rng"], gen)
+        step, epoch, pos, order, history = saved["step"], saved["epoch"], saved["pos"], saved["order"], saved["history"]
+        resumed_from = step
+
+    def save(complete: bool = False) -> None:
+        if state_dir is None or not main:
+            return
+        checkpoint.save_state(state_dir, {
+            "fingerprint": print_fp, "complete": complete, "step": step, "epoch": epoch, "pos": pos, "order": order,
+            "model": model.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
+            "objective": objective.state_dict(), "rng": checkpoint.rng_state(gen), "history": history})
+
     use_bf16 = cfg.precision == "bf16"
-    history: dict[str, float] = {}
-    step, t0 = 0, time.perf_counter()
-    with progress(total=total, desc=desc, unit="step") as bar:
-        for epoch in range(cfg.epochs):
-            order = torch.randperm(n, generator=gen)
-            for b in range(steps_per_epoch):
-                idx = order[b * batch : (b + 1) * batch]
-                idx_np = np.sort(idx.numpy())  # sorted reads are kinder to memory-mapped shards
-                idx = torch.from_numpy(idx_np)
-                x = to_tensor(images[idx_np], spec, device, augment=cfg.augment, generator=gen)
-                tok = tokens[idx].to(device)
-                with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=use_bf16):
-                    loss, parts = step_fn(model, x, tok, idx)
-                if not torch.isfinite(loss):
-                    raise FloatingPointError(f"{desc}: loss became {loss.item()} at step {step}")
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
+    t0 = time.perf_counter()
+    with progress(total=total, initial=step, desc=desc, unit="step", disable=not main) as bar:
+        while epoch < cfg.epochs:
+            if order is None:
+                order = torch.randperm(n, generator=gen)
+            while pos < steps_per_epoch:
+                t_step = time.perf_counter()
+                # sorted reads are kinder to memory-mapped shards; the order inside a batch does not matter
+                idx = order[pos * batch : (pos + 1) * batch].sort().values
+                crops = draw_crops(batch, gen)[rows] if cfg.augment else None
+                local = idx[rows].numpy()
+                x = to_tensor(images[local], spec, device, crops)
+                tok = tokens[local].to(device)
+                objective.begin_step(idx)
+                loss, parts = _backward(net, model, x, tok, idx, objective, cfg.accum_steps, world, use_bf16,
+                                        device)
+                if not math.isfinite(loss):
+                    raise FloatingPointError(f"{desc}: loss became {loss} at step {step}")
+                grad_norm = None
+                if cfg.grad_clip_norm:
+                    grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip_norm))
                 opt.step()
+                opt.zero_grad(set_to_none=True)
                 sched.step()
                 with torch.no_grad():
                     model.logit_scale.clamp_(0, MAX_LOGIT_SCALE)
-                step += 1
-                parts = {"loss": loss.item(), **parts}
-                bar.set_postfix(loss=f"{parts['loss']:.3f}")
-                bar.update(1)
-                if log and (step % log_every == 0 or step == total):
-                    log({**parts, "lr": sched.get_last_lr()[0], "epoch": epoch}, step)
-                history = parts
+                objective.after_step()
+                step, pos = step + 1, pos + 1
+                history = {"loss": loss, **parts}
+                if main:
+                    bar.set_postfix(loss=f"{loss:.3f}")
+                    bar.update(1)
+                if log and main and (step % cfg.log_every == 0 or step == total):
+                    extra = {"lr": sched.get_last_lr()[0], "epoch": epoch,
+                             "samples_per_second": batch / (time.perf_counter() - t_step)}
+                    if grad_norm is not None:
+                        extra["grad_norm"] = grad_norm
+                    log({**history, **extra}, step)
                 if step % 16 == 0 and hasattr(images, "release"):
                     images.release()  # memory-mapped views: keep RSS flat however large the corpus
+                if cfg.checkpoint_every and step % cfg.checkpoint_every == 0 and step < total:
+                    save()
+            epoch, pos, order = epoch + 1, 0, None
+    seconds = time.perf_counter() - t0
+    save(complete=True)
+    if cfg.grad_checkpointing:
+        model.set_grad_checkpointing(False)
     model.eval()
-    history.update({"steps": step, "train_seconds": time.perf_counter() - t0, "pairs": n})
+    history = {**history, **objective.summary(), "steps": step, "train_seconds": seconds, "pairs": n,
+               "global_batch": batch, "world_size": world,
+               "samples_per_second": (step - (resumed_from or 0)) * batch / max(seconds, 1e-9)}
+    if resumed_from is not None:
+        history["resumed_from_step"] = resumed_from
     return history
+
+
+def _forward(net: torch.nn.Module, x, tok, use_bf16: bool, device: torch.device):
+    with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=use_bf16):
+        img, txt, scale = net(x, tok)[:3]
+    return img.float(), txt.float(), scale.float()
+
+
+def _backward(net, model, x, tok, idx, objective: Objective, accum: int, world: int, use_bf16: bool,
+              device: torch.device) -> tuple[float, dict]:
+    """Gradients of the objective over the global batch, accumulated over `accum` micro-batches.
+
+    With accumulation, every micro-batch's features are first computed without gradients; then each micro-batch
+    is re-encoded with gradients and the loss is taken over the whole batch with the others' features fixed (a
+    gradient cache, as open_clip's accum_freq does): the summed gradient equals the one-pass gradient exactly, so
+    contrastive negatives are never reduced to a micro-batch. The logit scale takes its gradient in one pass only.
+    The loss is scaled by the world size because DDP averages, and each rank holds the gradient of its rows only.
+    """
+    if accum == 1:
+        img, txt, scale = _forward(net, x, tok, use_bf16, device)
+        loss, parts = objective.loss(img, txt, scale, idx)
+        (loss * world).backward()
+        return loss.item(), parts
+    chunks = list(zip(x.chunk(accum), tok.chunk(accum)))
+    with torch.no_grad():
+        cached = [_forward(model, xc, tc, use_bf16, device)[:2] for xc, tc in chunks]
+    for j, (xc, tc) in enumerate(chunks):
+        last = j == accum - 1
+        sync = contextlib.nullcontext() if last or world == 1 else net.no_sync()
+        with sync:
+            img_j, txt_j, scale = _forward(net, xc, tc, use_bf16, device)
+            img = torch.cat([img_j if k == j else c[0] for k, c in enumerate(cached)])
+            txt = torch.cat([txt_j if k == j else c[1] for k, c in enumerate(cached)])
+            loss, parts = objective.loss(img, txt, scale if last else scale.detach(), idx)
+            (loss * world).backward()
+    return loss.item(), parts
 
 
 class Tokens:

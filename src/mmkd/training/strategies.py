@@ -1,0 +1,406 @@
+"""Owns the stage-2 distillation strategies: one Objective per `distill.strategy`, looked up in STRATEGIES.
+
+- reference:  per sample and step one teacher drawn uniformly among the eligible ones (the MMKD-CLIP recipe);
+              task + fd_weight * FD + icl_weight * ICL against that teacher's aligned (projected) features.
+- mean:       FD and ICL against every eligible teacher of each sample, averaged over those teachers.
+- routed:     as mean, but each sample's teachers weighted by softmax(quality / routed_temperature), the quality
+              being each teacher's nearest-class-prototype balanced accuracy on the probe split of the sample's
+              modality (raw teacher features): the specialist speaks loudest in its domain.
+- relational: the teachers' in-batch image-text similarity structure (raw features, native dims), distilled with
+              soft-target cross entropy (open_clip's DistillClipLoss), averaged over each sample's teachers.
+
+Every objective reads teacher features from the stores only (no teacher runs), in `begin_step`, once per
+optimiser step for the whole GLOBAL batch (identical on every rank), and computes its loss over the gathered
+global batch, so a run on N processes optimises exactly what one process would. docs/distillation.md has the
+formulas.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from mmkd.config import DistillCfg
+from mmkd.training.distributed import gather_batch, replicated
+from mmkd.training.losses import (
+    clip_loss,
+    distillation_loss,
+    fd_per_sample,
+    masked_interactive_contrastive,
+    relational_distillation,
+    weighted_mean,
+)
+from mmkd.training.objective import Objective
+
+MAX_LOGIT_SCALE = math.log(100.0)  # the same bound as the student's logit scale (temperature >= 0.01)
+
+
+class TeacherSampler:
+    """Draws, per sample and per step, one teacher uniformly among those eligible for it."""
+
+    def __init__(self, eligible: np.ndarray, seed: int):
+        self.eligible = torch.from_numpy(np.asarray(eligible, dtype=bool))
+        self.gen = torch.Generator().manual_seed(seed)
+
+    def draw(self, idx: torch.Tensor) -> torch.Tensor:
+        mask = self.eligible[idx].float()
+        return torch.multinomial(mask / mask.sum(1, keepdim=True), 1, generator=self.gen).squeeze(1)
+
+    def state_dict(self) -> dict:
+        return {"generator": self.gen.get_state()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.gen.set_state(state["generator"])
+
+
+@dataclass
+class Supervision:
+    """What a strategy knows about the train split's teachers (built by training.distill.distill)."""
+
+    names: list[str]                      # teachers, registry order
+    eligible: np.ndarray                  # [N, T] bool: may supervise the sample (routed and has features)
+    aligned: Any = None                   # projected, student-dim features (features.store.TeacherFeatures)
+    raw: Any = None                       # raw, native-dim features (TeacherFeatures over the raw store)
+    modality: np.ndarray | None = None    # [N] int: index of each sample's modality in `modalities`
+    modalities: list[str] | None = None
+    quality: np.ndarray | None = None     # [T, M] probe balanced accuracy (NaN: not measurable)
+    routed: np.ndarray | None = None      # [M, T] bool: the teacher is declared for the modality
+
+
+def _tensor(a: np.ndarray, device) -> torch.Tensor:
+    return torch.from_numpy(np.ascontiguousarray(a, dtype=np.float32)).to(device)
+
+
+class DistillObjective(Objective):
+    """What every strategy shares: teachers, eligibility, the per-teacher weight mass (teacher shares)."""
+
+    needs: tuple[str, ...] = ()  # which Supervision fields distill() must fill: "aligned", "raw", "quality"
+    uses_icl = False
+
+    def __init__(self, sup: Supervision, cfg: DistillCfg, seed: int, device: torch.device | str = "cpu"):
+        self.sup, self.cfg, self.device = sup, cfg, torch.device(device)
+        self.names = list(sup.names)
+        self.eligible = torch.from_numpy(np.asarray(sup.eligible, dtype=bool))
+        self.mass = torch.zeros(len(self.names), dtype=torch.float64)  # summed per-sample teacher weights
+        self.accum_steps = cfg.train.accum_steps
+        self._calls = 0
+        self._batch: dict | None = None
+
+    def begin_step(self, idx: torch.Tensor) -> None:
+        self._calls = 0
+        self._batch = self.prepare(torch.as_tensor(idx, dtype=torch.long))
+
+    def prepare(self, idx: torch.Tensor) -> dict:
+        raise NotImplementedError
+
+    def _last_pass(self) -> bool:
+        """True on the micro-batch pass that takes the gradient of objective-owned scalars: with accumulation the
+        loop calls `loss` accum_steps times per step, each over the whole batch, and the logit scale (so, too,
+        the ICL temperature) takes its gradient in one pass only."""
+        self._calls += 1
+        return self._calls >= self.accum_steps
+
+    def _prepared(self, idx: torch.Tensor) -> dict:
+        if self._batch is None or not torch.equal(self._batch["idx"], torch.as_tensor(idx, dtype=torch.long)):
+            raise RuntimeError("the training loop must call begin_step(idx) before loss(..., idx)")
+        return self._batch
+
+    def mean_weights(self, idx: torch.Tensor) -> torch.Tensor:
+        """[B, T]: 1 / (number of eligible teachers) on each eligible teacher of each sample."""
+        m = self.eligible[idx].double()
+        return m / m.sum(1, keepdim=True)
+
+    def state_dict(self) -> dict:
+        return {"mass": self.mass.clone()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.mass.copy_(state["mass"])
+
+    def shares(self) -> dict[str, float]:
+        total = float(self.mass.sum()) or 1.0
+        return {t: float(m) / total for t, m in zip(self.names, self.mass.tolist())}
+
+    def summary(self) -> dict[str, float]:
+        return {f"teacher_share_{t}": s for t, s in self.shares().items()}
+
+    def report(self) -> dict:
+        """What the run learnt about its teachers, for teacher_weights.json next to the student."""
+        return {"strategy": self.cfg.strategy, "teachers": self.names, "teacher_share": self.shares()}
+
+
+class FeatureObjective(DistillObjective):
+    """FD + ICL against the aligned features, with the learnable ICL temperature.
+
+    The temperature is a log-scale parameter (scale = exp(p), temperature = 1/scale) in its own optimiser group
+    (lr `icl_lr`, no weight decay), clamped in place after every step to [ln 1, ln 100] (temperature in
+    [0.01, 1]), so the value used in the loss is the value stored in model.json.
+    """
+
+    needs = ("aligned",)
+    uses_icl = True
+
+    def __init__(self, sup: Supervision, cfg: DistillCfg, seed: int, device: torch.device | str = "cpu"):
+        super().__init__(sup, cfg, seed, device)
+        init = min(max(math.log(1.0 / cfg.icl_init_temperature), 0.0), MAX_LOGIT_SCALE)
+        self.icl_logit = torch.nn.Parameter(torch.tensor(init, device=self.device),
+                                            requires_grad=cfg.learn_icl_temperature)
+
+    def param_groups(self) -> list[dict]:
+        if not self.cfg.learn_icl_temperature:
+            return []
+        return [{"params": [self.icl_logit], "lr": self.cfg.icl_lr, "weight_decay": 0.0}]
+
+    def after_step(self) -> None:
+        with torch.no_grad():
+            self.icl_logit.clamp_(0.0, MAX_LOGIT_SCALE)
+
+    def icl_scale(self, last: bool) -> torch.Tensor:
+        scale = self.icl_logit.exp()
+        return replicated(scale) if last else scale.detach()
+
+    @property
+    def icl_temperature(self) -> float:
+        """The temperature the loss uses (the parameter is kept inside its bounds in place)."""
+        return float(1.0 / self.icl_logit.detach().exp())
+
+    def state_dict(self) -> dict:
+        return {**super().state_dict(), "icl_logit": self.icl_logit.detach().cpu().clone()}
+
+    def load_state_dict(self, state: dict) -> None:
+        super().load_state_dict(state)
+        with torch.no_grad():
+            self.icl_logit.copy_(state["icl_logit"])
+
+    def summary(self) -> dict[str, float]:
+        return {**super().summary(), "icl_temperature": self.icl_temperature}
+
+    def report(self) -> dict:
+        return {**super().report(), "icl_temperature": self.icl_temperature}
+
+
+class ReferenceObjective(FeatureObjective):
+    """The reference recipe: one uniformly drawn eligible teacher per sample and step; task + FD + ICL.
+
+    ICL is the reference's: the student contrasted against the batch of drawn targets (each column is some
+    sample's drawn teacher)."""
+
+    def __init__(self, sup: Supervision, cfg: DistillCfg, seed: int, device: torch.device | str = "cpu"):
+        super().__init__(sup, cfg, seed, device)
+        self.sampler = TeacherSampler(sup.eligible, seed + 1)
+
+    def prepare(self, idx):
+        choice = self.sampler.draw(idx)
+        self.mass += torch.bincount(choice, minlength=len(self.names)).double()
+        t_img, t_txt = self.sup.aligned.chosen(idx.numpy(), choice.numpy())
+        return {"idx": idx, "t_img": _tensor(t_img, self.device), "t_txt": _tensor(t_txt, self.device)}
+
+    def loss(self, img, txt, logit_scale, idx):
+        b = self._prepared(idx)
+        last = self._last_pass()
+        s_img, s_txt = gather_batch(img), gather_batch(txt)
+        icl_scale = self.icl_scale(last)
+        total, parts = distillation_loss(s_img, s_txt, b["t_img"], b["t_txt"], replicated(logit_scale), icl_scale,
+                                         self.cfg.fd_weight, self.cfg.icl_weight, self.cfg.fd_reference_dim)
+        return total, {**parts, "icl_temperature": float(1.0 / icl_scale.detach())}
+
+    def state_dict(self) -> dict:
+        return {**super().state_dict(), "sampler": self.sampler.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        super().load_state_dict(state)
+        self.sampler.load_state_dict(state["sampler"])
+
+
+class MeanObjective(FeatureObjective):
+    """FD and ICL against every eligible teacher of each sample, weighted by W [B, T] (rows sum to 1):
+    FD = (1/B) sum_i sum_t W[i,t] fd[i,t];  ICL = (1/B) sum_i sum_t W[i,t] icl[i,t], icl[i,t] being teacher t's
+    contrastive term over the batch samples it supervises (losses.masked_interactive_contrastive).
+    mean: W[i, t] = 1/|T_i| on the sample's eligible teachers T_i."""
+
+    def weights(self, idx: torch.Tensor) -> torch.Tensor:
+        return self.mean_weights(idx)
+
+    def prepare(self, idx):
+        w = self.weights(idx)
+        self.mass += w.sum(0)
+        t_img, t_txt, _ = self.sup.aligned.stacked(idx.numpy())
+        return {"idx": idx, "w": w.float().to(self.device), "mask": (w > 0).to(self.device),
+                "t_img": _tensor(t_img, self.device), "t_txt": _tensor(t_txt, self.device)}
+
+    def loss(self, img, txt, logit_scale, idx):
+        b = self._prepared(idx)
+        last = self._last_pass()
+        s_img, s_txt = gather_batch(img), gather_batch(txt)
+        icl_scale = self.icl_scale(last)
+        task = clip_loss(s_img, s_txt, replicated(logit_scale))
+        fd = weighted_mean(fd_per_sample(s_img, s_txt, b["t_img"], b["t_txt"], self.cfg.fd_reference_dim), b["w"])
+        icl = weighted_mean(masked_interactive_contrastive(s_img, s_txt, b["t_img"], b["t_txt"], b["mask"],
+                                                           icl_scale), b["w"])
+        total = task + self.cfg.fd_weight * fd + self.cfg.icl_weight * icl
+        return total, {"loss_task": task.item(), "loss_fd": fd.item(), "loss_icl": icl.item(),
+                       "icl_temperature": float(1.0 / icl_scale.detach())}
+
+
+class RoutedObjective(MeanObjective):
+    """mean, with W[i, t] = softmax over the sample's eligible teachers of quality[t, m_i] / routed_temperature."""
+
+    needs = ("aligned", "quality")
+
+    def __init__(self, sup: Supervision, cfg: DistillCfg, seed: int, device: torch.device | str = "cpu"):
+        super().__init__(sup, cfg, seed, device)
+        if sup.quality is None or sup.modality is None or sup.routed is None:
+            raise ValueError("the routed strategy needs each teacher's probe quality, the samples' modalities and "
+                             "the routing table")
+        self.scores = torch.from_numpy(routed_scores(sup.quality, cfg.routed_temperature))  # [M, T]
+        self.modality = torch.from_numpy(np.asarray(sup.modality, dtype=np.int64))
+        self.table = routed_weights(sup.quality, sup.routed, cfg.routed_temperature)  # [M, T]
+
+    def weights(self, idx):
+        s = self.scores[self.modality[idx]].masked_fill(~self.eligible[idx], -math.inf)
+        return s.softmax(1)
+
+    def summary(self):
+        out = super().summary()
+        for m, mod in enumerate(self.sup.modalities):
+            for t, name in enumerate(self.names):
+                out[f"route_weight.{mod}.{name}"] = float(self.table[m, t])
+                if np.isfinite(self.sup.quality[t, m]):
+                    out[f"route_quality.{mod}.{name}"] = float(self.sup.quality[t, m])
+        return out
+
+    def report(self):
+        q = self.sup.quality
+        return {**super().report(), "routed_temperature": self.cfg.routed_temperature,
+                "quality": {mod: {t: (float(q[j, m]) if np.isfinite(q[j, m]) else None) for j, t in enumerate(self.names)}
+                            for m, mod in enumerate(self.sup.modalities)},
+                "weights": {mod: {t: float(self.table[m, j]) for j, t in enumerate(self.names)}
+                            for m, mod in enumerate(self.sup.modalities)}}
+
+
+class RelationalObjective(DistillObjective):
+    """task + relational_weight * KD, KD = (1/B) sum_i sum_t W[i,t] kd[i,t] with W the mean weights and kd the
+    soft-target cross entropy between teacher t's in-batch similarities (raw features / teacher_temperature)
+    and the student's (logit scale), both ways, over the batch samples teacher t supervises."""
+
+    needs = ("raw",)
+
+    def prepare(self, idx):
+        w = self.mean_weights(idx)
+        self.mass += w.sum(0)
+        parts = self.sup.raw.batch(idx.numpy())
+        return {"idx": idx, "w": w.float().to(self.device), "mask": (w > 0).to(self.device),
+                "teachers": [(_tensor(parts[t][0], self.device), _tensor(parts[t][1], self.device))
+                             for t in self.names]}
+
+    def loss(self, img, txt, logit_scale, idx):
+        b = self._prepared(idx)
+        self._last_pass()
+        s_img, s_txt = gather_batch(img), gather_batch(txt)
+        scale = replicated(logit_scale)
+        task = clip_loss(s_img, s_txt, scale)
+        kd = weighted_mean(relational_distillation(s_img, s_txt, scale, b["teachers"], b["mask"],
+                                                   1.0 / self.cfg.teacher_temperature), b["w"])
+        total = task + self.cfg.relational_weight * kd
+        return total, {"loss_task": task.item(), "loss_relational": kd.item()}
+
+
+STRATEGIES: dict[str, type[DistillObjective]] = {
+    "reference": ReferenceObjective,
+    "mean": MeanObjective,
+    "routed": RoutedObjective,
+    "relational": RelationalObjective,
+}
+
+
+# ---------------------------------------------------------------------------------------------- routing by quality
+
+
+def teacher_quality(features, labels: list, modality: np.ndarray, n_modalities: int, chunk: int = 4096) -> np.ndarray:
+    """[T, M] balanced accuracy of each teacher on each modality's probe samples (NaN: not measurable).
+
+    features: raw teacher features of the probe samples (`.names`, `.available` [N, T], `.batch(idx)` ->
+    {teacher: (image, text)}); labels: each sample's class (None: unlabelled); modality: [N] modality index.
+    For teacher t and modality m, a class prototype is the L2-normalised mean of t's caption features of that
+    class's probe samples (those t has features for); each such image is classified by its most cosine-similar
+    prototype among m's classes; q[t, m] is the mean per-class recall, measurable when t has >= 2 classes of m.
+    Streams twice over the probe samples in chunks (class sums, then predictions): nothing sample-sized is held.
+    """
+    names = list(features.names)
+    n, T = len(labels), len(names)
+    modality = np.asarray(modality, dtype=np.int64)
+    gid = np.full(n, -1, np.int64)
+    class_mod: list[int] = []
+    for m in range(n_modalities):
+        members = np.flatnonzero(modality == m)
+        for c in sorted({labels[i] for i in members if labels[i] is not None}):
+            gid[[i for i in members if labels[i] == c]] = len(class_mod)
+            class_mod.append(m)
+    G = len(class_mod)
+    class_mod = np.asarray(class_mod, dtype=np.int64)
+    quality = np.full((T, n_modalities), np.nan)
+    if G == 0:
+        return quality
+    avail = np.asarray(features.available, dtype=bool) & (gid >= 0)[:, None]
+    sums: list[np.ndarray | None] = [None] * T
+    counts = np.zeros((T, G))
+    chunks = [np.arange(s, min(n, s + chunk)) for s in range(0, n, chunk)]
+    for sel in chunks:  # pass 1: per-class sums of caption features
+        if not avail[sel].any():
+            continue
+        parts = features.batch(sel)
+        for j, t in enumerate(names):
+            ok = avail[sel, j]
+            if ok.any():
+                txt, g = np.asarray(parts[t][1], np.float64)[ok], gid[sel][ok]
+                if sums[j] is None:
+                    sums[j] = np.zeros((G, txt.shape[1]))
+                np.add.at(sums[j], g, txt)
+                counts[j] += np.bincount(g, minlength=G)
+    protos = [None if s is None else s / np.maximum(np.linalg.norm(s, axis=1, keepdims=True), 1e-12) for s in sums]
+    correct, total = np.zeros((T, G)), np.zeros((T, G))
+    for sel in chunks:  # pass 2: nearest prototype of each image
+        if not avail[sel].any():
+            continue
+        parts = features.batch(sel)
+        for j, t in enumerate(names):
+            ok = avail[sel, j]
+            if not ok.any():
+                continue
+            img, g = np.asarray(parts[t][0], np.float64)[ok], gid[sel][ok]
+            scores = img @ protos[j].T  # [b, G]
+            allowed = (class_mod[None, :] == class_mod[g][:, None]) & (counts[j] > 0)[None, :]
+            pred = np.where(allowed, scores, -np.inf).argmax(1)
+            correct[j] += np.bincount(g[pred == g], minlength=G)
+            total[j] += np.bincount(g, minlength=G)
+    for j in range(T):
+        for m in range(n_modalities):
+            gs = np.flatnonzero((class_mod == m) & (total[j] > 0))
+            if len(gs) >= 2:
+                quality[j, m] = float(np.mean(correct[j, gs] / total[j, gs]))
+    return quality
+
+
+def routed_scores(quality: np.ndarray, temperature: float) -> np.ndarray:
+    """[M, T] softmax logits quality[t, m] / temperature. A teacher whose quality on m was not measurable counts
+    as the worst measured teacher of m (no evidence it is good there); a modality with none measured: all equal."""
+    q = np.asarray(quality, dtype=np.float64).T.copy()  # [M, T]
+    for m in range(len(q)):
+        known = np.isfinite(q[m])
+        q[m, ~known] = q[m, known].min() if known.any() else 0.0
+    return q / temperature
+
+
+def routed_weights(quality: np.ndarray, routed: np.ndarray, temperature: float) -> np.ndarray:
+    """[M, T] the weight table: w[m, t] = softmax over the teachers routed to m of quality[t, m] / temperature,
+    0 for teachers not routed to m (a modality no teacher is declared for uses every teacher, as eligibility
+    does). A sample's own weights are this row renormalised over the teachers that have features for it."""
+    scores = routed_scores(quality, temperature)
+    routed = np.asarray(routed, dtype=bool).copy()
+    routed[~routed.any(1)] = True
+    s = np.where(routed, scores, -np.inf)
+    s = np.exp(s - s.max(1, keepdims=True))
+    return s / s.sum(1, keepdims=True)
