@@ -62,7 +62,7 @@ def test_distillation_changed_the_student(smoke_run):
 
 def test_mlflow_holds_the_run_tree(smoke_run):
     reg = smoke_run["result"]["registration"]
-    client = MlflowClient(tracking_uri=reg["tracking_uri"])
+    client = MlflowClient(tracking_uri=reg["tracking_uri"], registry_uri=reg["tracking_uri"])
     assert reg["tracking_uri"].startswith("sqlite:////")
     exp = client.get_experiment_by_name("mmkd")
     parent = client.get_run(smoke_run["result"]["parent_run_id"])
@@ -98,7 +98,7 @@ def test_champion_model_loads_and_embeds(smoke_run):
     assert out["image_embedding"][1] is None and len(out["text_embedding"][1]) == 128
     text_only = model.predict(pd.DataFrame({"text": ["Brain MRI with a left glioma."]}))
     assert len(text_only["text_embedding"][0]) == 128 and text_only["image_embedding"][0] is None
-    client = MlflowClient(tracking_uri=reg["tracking_uri"])
+    client = MlflowClient(tracking_uri=reg["tracking_uri"], registry_uri=reg["tracking_uri"])
     assert str(client.get_model_version_by_alias("mmkd-student", "champion").version) == reg["version"]
 
 

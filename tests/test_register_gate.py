@@ -241,7 +241,7 @@ def test_register_step_logs_the_decision_and_system_metrics(workspace, tmp_path,
     assert second["champion_uri"] == "models:/mmkd-student@champion"
     assert json.loads(ctx.ws.registration.read_text()) == json.loads(json.dumps(second))
 
-    client = MlflowClient(tracking_uri=second["tracking_uri"])
+    client = MlflowClient(tracking_uri=second["tracking_uri"], registry_uri=second["tracking_uri"])
     run = client.get_run(results[1]["run_id"])
     assert run.data.params["register.metric"] == METRIC and run.data.params["register.champion_alias"] == "champion"
     assert run.data.metrics["gate.challenger_score"] == 0.3 and run.data.metrics["gate.champion_score"] == 0.6
