@@ -44,6 +44,19 @@ import numpy as np
 import open_clip
 import torch
 from open_clip_train.main import main as open_clip_main
+import open_clip_train.data as open_clip_data
+
+
+def _files_without_eof_markers(src, handler=open_clip_data.log_and_continue):
+    """open_clip_train 3.3's tar reader with webdataset 1.0's end-of-tar marker (an empty dict, which its
+    group_by_keys_nothrow does not expect: KeyError 'fname' once an epoch reaches the end of a shard) dropped.
+    The same reading and grouping code runs; only the marker is filtered out."""
+    streams = open_clip_data.url_opener(src, handler=handler)
+    files = (f for f in open_clip_data.tar_file_expander(streams, handler=handler) if f)
+    return open_clip_data.group_by_keys_nothrow(files, handler=handler)
+
+
+open_clip_data.tarfile_to_samples_nothrow = _files_without_eof_markers
 
 from mmkd.config import Workspace, load_params
 from mmkd.data.store import load_curated, shard_numbers

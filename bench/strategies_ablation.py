@@ -20,7 +20,7 @@ ROWS = (("mean zero-shot acc1", ("mean", "zeroshot_acc1")), ("mean probe acc1", 
 
 
 def run(strategy: str) -> None:
-    cmd = ["dvc", "exp", "run", "--name", f"strategy-{strategy}", "-S", f"distill.strategy={strategy}", "--force"]
+    cmd = ["dvc", "exp", "run", "--temp", "--name", f"strategy-{strategy}", "-S", f"distill.strategy={strategy}"]
     print("$", " ".join(cmd), flush=True)
     subprocess.run(cmd, check=True)
 
