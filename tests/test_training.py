@@ -201,3 +201,26 @@ def test_stage1_objective_takes_the_single_process_gradients(monkeypatch):
     assert torch.allclose(torch.cat([r0[0], r1[0]]) / 2, one[0], atol=1e-6)
     assert torch.allclose(torch.cat([r0[1], r1[1]]) / 2, one[1], atol=1e-6)
     assert torch.allclose((r0[2] + r1[2]) / 2, one[2], atol=1e-6)
+
+
+def test_the_step_entry_point_runs_under_torchrun(smoke_corpus, tmp_path):
+    """`torchrun -m mmkd.cli stage pretrain`: two ranks train, rank 0 alone writes the model and the MLflow run."""
+    import shutil
+
+    root = tmp_path / "ws"
+    shutil.copytree(smoke_corpus, root, ignore=shutil.ignore_patterns("mlflow_server", "artifacts"))
+    shutil.copytree(smoke_corpus / "artifacts" / "curated", root / "artifacts" / "curated")
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    env.pop("MLFLOW_TRACKING_URI", None)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "mmkd.cli",
+           "stage", "pretrain", "--root", str(root)]
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
+    history = json.loads((root / "artifacts" / "student_stage1" / "model.json").read_text())
+    assert history["model"] == "mmkd-student-tiny"
+    from mlflow import MlflowClient
+
+    uri = f"sqlite:///{root / 'mlflow_server' / 'mlflow.db'}"
+    runs = MlflowClient(uri).search_runs([MlflowClient(uri).get_experiment_by_name("mmkd").experiment_id])
+    assert [r.data.tags["mmkd.step"] for r in runs] == ["pretrain"]
+    assert runs[0].data.metrics["final_world_size"] == 2

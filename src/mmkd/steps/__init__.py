@@ -39,7 +39,9 @@ def run_step(name: str, ctx: Context) -> dict:
         raise KeyError(f"unknown step '{name}'; steps: {list(STEPS)}")
     seed_everything(ctx.params.seed, ctx.params.threads)
     if is_secondary_rank():  # under torchrun: train as one rank, leave tracking and outputs to rank 0
-        return {"step": name, "summary": STEPS[name](ctx, NullRun())}
+        t0 = time.perf_counter()
+        summary = STEPS[name](ctx, NullRun())
+        return {"step": name, "seconds": round(time.perf_counter() - t0, 2), "run_id": None, "summary": summary}
     tracker = ctx.tracker()
     t0 = time.perf_counter()
     with tracker.run(name, ctx.tags(name), ctx.parent_run_id) as run:
