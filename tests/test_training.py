@@ -85,8 +85,8 @@ def test_training_resamples_as_evaluation_does():
     assert torch.allclose(train_view, eval_view, atol=2e-5)
 
 
-class _Quadratic(Objective):
-    """Pulls image and text features together; enough to test the loop's plumbing with a known loss."""
+class _Contrastive(Objective):
+    """InfoNCE over the gathered batch: the plumbing of the loop with a known loss."""
 
     def loss(self, img, txt, logit_scale, idx):
         from mmkd.training.distributed import gather_batch
@@ -111,7 +111,7 @@ def test_accumulation_matches_one_pass(tmp_path):
         torch.manual_seed(0)
         model = create_model("mmkd-student-tiny")
         cfg = TrainCfg(epochs=1, batch_size=16, lr=1e-3, warmup_steps=1, accum_steps=accum, augment=True)
-        train(model, images, tokens, cfg, _Quadratic(), 3, torch.device("cpu"), "accum")
+        train(model, images, tokens, cfg, _Contrastive(), 3, torch.device("cpu"), "accum")
         weights.append({k: v.clone() for k, v in model.state_dict().items()})
     for k in weights[0]:
         assert torch.allclose(weights[0][k], weights[1][k], atol=2e-5), k
