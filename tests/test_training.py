@@ -104,6 +104,9 @@ def test_accumulation_matches_one_pass(tmp_path):
     from mmkd.training.loop import tokenize_all, train
     import open_clip
 
+    from mmkd.models.factory import register_configs
+
+    register_configs()  # the tokenizer of an mmkd config (context 32) needs the config registered
     images, captions = tiny_pairs(32)
     tokens = tokenize_all(open_clip.get_tokenizer("mmkd-student-tiny"), captions)
     weights = []
