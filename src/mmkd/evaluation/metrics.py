@@ -6,6 +6,10 @@ import numpy as np
 from sklearn.linear_model import LogisticRegression
 from sklearn.metrics import f1_score, roc_auc_score
 
+from mmkd.evaluation.stats import bootstrap_accuracy_ci
+
+BOOTSTRAP_SEED = 42  # the reference's; fixed, so a CI repeats exactly
+
 
 def classification_metrics(logits: np.ndarray, y: np.ndarray, n_classes: int, prefix: str) -> dict:
     pred = logits.argmax(1)
@@ -15,6 +19,8 @@ def classification_metrics(logits: np.ndarray, y: np.ndarray, n_classes: int, pr
         f"{prefix}_mean_recall": float(np.mean(recalls)),
         f"{prefix}_f1_macro": float(f1_score(y, pred, average="macro", labels=list(range(n_classes)), zero_division=0)),
     }
+    low, high = bootstrap_accuracy_ci(pred == y, y, BOOTSTRAP_SEED)
+    out[f"{prefix}_acc1_ci_low"], out[f"{prefix}_acc1_ci_high"] = low, high
     if len(np.unique(y)) == n_classes and n_classes > 1:
         z = logits - logits.max(1, keepdims=True)
         prob = np.exp(z) / np.exp(z).sum(1, keepdims=True)
