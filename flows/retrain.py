@@ -7,6 +7,7 @@ import time
 from prefect import flow, get_run_logger
 
 from mmkd.steps import Context, finish_pipeline, start_pipeline
+from mmkd.steps.synth import suite_missing
 from tasks.align import align
 from tasks.cache_features import cache_features
 from tasks.curate import curate
@@ -33,7 +34,7 @@ def retrain(profile: str | None = None, root: str = ".", params_path: str | None
     logger.info("MLflow parent run %s (profile %s)", parent, ctx.params.profile)
     results: dict = {}
     try:
-        if not ctx.ws.raw_manifest.exists():
+        if not ctx.ws.raw_manifest.exists() or suite_missing(ctx):
             if not synthesize_if_missing:
                 raise FileNotFoundError(f"{ctx.ws.raw_manifest} missing and synthesize_if_missing is off")
             results["synth"] = synth(*args, parent)

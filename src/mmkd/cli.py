@@ -16,6 +16,8 @@ data_app = typer.Typer(help="Raw data (the DVC-tracked data/ folder).")
 app.add_typer(data_app, name="data")
 features_app = typer.Typer(help="The teacher feature store (artifacts/features/).")
 app.add_typer(features_app, name="features")
+datasets_app = typer.Typer(help="Evaluation datasets: the catalog and what of it is on disk.")
+app.add_typer(datasets_app, name="datasets")
 
 RootOpt = typer.Option(Path("."), "--root", help="workspace root (holds params.yaml, data/, artifacts/, reports/)")
 ParamsOpt = typer.Option(None, "--params", help="parameters file (default: ROOT/params.yaml)")
@@ -39,14 +41,15 @@ def _context(root: Path, params: Optional[Path], profile: Optional[str]):
 
 @data_app.command("synth")
 def data_synth(root: Path = RootOpt, params: Optional[Path] = ParamsOpt, profile: Optional[str] = ProfileOpt,
-               if_missing: bool = typer.Option(False, "--if-missing", help="do nothing when data/ already exists")):
-    """Generate the embedded synthetic corpus (PNG images + manifest.jsonl + tasks.json) under data/."""
+               if_missing: bool = typer.Option(False, "--if-missing", help="only what is missing: nothing when data/ and its evaluation suite exist, the suite alone when only it is missing")):
+    """Generate the embedded synthetic corpus (PNGs, manifest.jsonl, tasks.json) and its evaluation suite (data/eval/embedded/)."""
     _setup_logging()
     from mmkd.steps import run_step
+    from mmkd.steps.synth import suite_missing
 
     ctx = _context(root, params, profile)
-    if if_missing and ctx.ws.raw_manifest.exists():
-        typer.echo(f"{ctx.ws.raw_manifest} exists; not regenerating")
+    if if_missing and ctx.ws.raw_manifest.exists() and not suite_missing(ctx):
+        typer.echo(f"{ctx.ws.raw_manifest} and the evaluation suite exist; not regenerating")
         return
     typer.echo(json.dumps(run_step("synth", ctx)["summary"]))
 
@@ -103,6 +106,40 @@ def features_stats(root: Path = RootOpt, params: Optional[Path] = ParamsOpt, pro
                        f"{e['shards']:>6} {e['bytes'] / 2**20:>6.1f}  {cov}")
 
 
+@datasets_app.command("list")
+def datasets_list(root: Path = RootOpt, params: Optional[Path] = ParamsOpt, profile: Optional[str] = ProfileOpt,
+                  verbose: bool = typer.Option(False, "--verbose", "-v", help="full instructions for missing sets"),
+                  as_json: bool = typer.Option(False, "--json", help="machine-readable output")):
+    """Every evaluation dataset (embedded suite + catalog.yaml): modalities, tasks, format, on-disk status."""
+    from mmkd.evaluation.catalog import CatalogError, load_catalog, overview, suite_entries
+
+    ctx = _context(root, params, profile)
+    data_root, embedded_root = ctx.ws.eval_data, ctx.ws.embedded_suite
+    try:
+        rows = overview(suite_entries(ctx.params) + load_catalog(), data_root, embedded_root)
+    except CatalogError as exc:
+        typer.echo(str(exc), err=True)
+        raise typer.Exit(2)
+    if as_json:
+        typer.echo(json.dumps({"data_root": str(data_root), "embedded_root": str(embedded_root), "datasets": rows},
+                              indent=1))
+        return
+    typer.echo(f"{'name':<28} {'modalities':<26} {'tasks':<24} {'format':<15} status")
+    for r in rows:
+        mods = ",".join(r["modalities"])
+        mods = mods if len(mods) <= 26 else f"{len(r['modalities'])} modalities"
+        typer.echo(f"{r['name']:<28} {mods:<26} {','.join(r['tasks']):<24} {r['format']:<15} {r['status']}")
+        if r["status"] != "present":
+            where, _, get = r["detail"].partition("; to get it: ")
+            typer.echo(f"    {where}")
+            if get:
+                short = verbose or len(get) <= 140
+                typer.echo(f"    get: {get if short else get[:140].rstrip() + '... (--verbose: all of it)'}")
+    counts = {s: sum(r["status"] == s for r in rows) for s in ("present", "missing", "incomplete")}
+    typer.echo(f"{len(rows)} datasets: " + ", ".join(f"{n} {s}" for s, n in counts.items())
+               + f" (data_root {data_root}, embedded suite {embedded_root})")
+
+
 @app.command("stage")
 def stage(name: str = typer.Argument(..., help="curate|validate|teachers|cache_features|align|pretrain|distill|evaluate|register"),
           root: Path = RootOpt, params: Optional[Path] = ParamsOpt, profile: Optional[str] = ProfileOpt):
@@ -121,6 +158,48 @@ def stage(name: str = typer.Argument(..., help="curate|validate|teachers|cache_f
     else:
         result = run_step(name, ctx)
     typer.echo(json.dumps({"step": name, "seconds": result["seconds"], "run_id": result["run_id"]}))
+
+
+@app.command("evaluate")
+def evaluate(datasets: Optional[str] = typer.Option(
+                 None, "--datasets", help="comma-separated catalog names, `embedded` or `present` (default: "
+                                          "evaluate.datasets); missing ones are reported, not errors"),
+             models: Optional[str] = typer.Option(None, "--models", help="student,student_stage1,teachers"),
+             reports: Optional[Path] = typer.Option(None, "--reports", help="write the reports here instead of "
+                                                    "paths.reports (keeps the pipeline's metrics.json as it is)"),
+             root: Path = RootOpt, params: Optional[Path] = ParamsOpt, profile: Optional[str] = ProfileOpt):
+    """Evaluate the students and teachers on the selected datasets: six task types, 95% CIs, a leaderboard."""
+    _setup_logging()
+    from mmkd.config import Workspace
+    from mmkd.steps import Context, run_step
+
+    ctx = _context(root, params, profile)
+    p = ctx.params
+    update = {}
+    if datasets:
+        update["datasets"] = [d.strip() for d in datasets.split(",") if d.strip()]
+    if models:
+        update["models"] = [m.strip() for m in models.split(",") if m.strip()]
+    try:
+        evaluate_cfg = type(p.evaluate).model_validate({**p.evaluate.model_dump(), **update})
+    except Exception as exc:
+        typer.echo(f"mmkd evaluate: {exc}", err=True)
+        raise typer.Exit(2)
+    paths = p.paths.model_copy(update={"reports": str(reports.resolve())}) if reports else p.paths
+    ctx = Context(Workspace(ctx.ws.root, p.model_copy(update={"evaluate": evaluate_cfg, "paths": paths})),
+                  ctx.params_path, ctx.parent_run_id)
+    try:
+        result = run_step("evaluate", ctx)
+    except (KeyError, FileNotFoundError) as exc:
+        typer.echo(f"mmkd evaluate: {exc}", err=True)
+        raise typer.Exit(2)
+    s = result["summary"]
+    for name, why in s["missing"].items():
+        typer.echo(f"missing: {name}: {why}", err=True)
+    for unit, why in s["failed"].items():
+        typer.echo(f"failed: {unit}: {why}", err=True)
+    typer.echo("\n" + ctx.ws.leaderboard.read_text())
+    typer.echo(f"{s['units']} units in {s['seconds']} s; reports in {ctx.ws.reports}")
 
 
 @app.command("run")

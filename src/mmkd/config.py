@@ -28,6 +28,55 @@ class PathsCfg(Strict):
     reports: str = "reports"
 
 
+def _known_modalities(v: list[str]) -> list[str]:
+    bad = [m for m in v if m not in MODALITIES]
+    if bad:
+        raise ValueError(f"unknown modalities {bad}; known: {list(MODALITIES)}")
+    return v
+
+
+class EvalClassificationCfg(Strict):
+    """Images per split of each modality's classification / retrieval set (balanced classes)."""
+
+    train: int = Field(150, ge=3)
+    val: int = Field(40, ge=3)
+    test: int = Field(400, ge=3)
+
+
+class EvalVqaCfg(Strict):
+    train_images: int = Field(60, ge=2, description="per modality")
+    test_images: int = Field(40, ge=2, description="per modality")
+    questions_per_image: int = Field(3, ge=1, le=5)
+
+
+class EvalSurvivalCfg(Strict):
+    modalities: list[str] = Field(default_factory=lambda: ["pathology", "mri"])
+    patients: int = Field(200, ge=10)
+    images_per_patient: int = Field(3, ge=1)
+    censoring: float = Field(0.3, ge=0.0, lt=1.0, description="expected share of censored patients")
+
+    _known = field_validator("modalities")(_known_modalities)
+
+
+class EvalMilCfg(Strict):
+    modalities: list[str] = Field(default_factory=lambda: ["pathology", "ct"])
+    bags: int = Field(160, ge=4, description="half positive")
+    instances: int = Field(6, ge=2, description="per bag")
+
+    _known = field_validator("modalities")(_known_modalities)
+
+
+class EvalSuiteCfg(Strict):
+    """The embedded evaluation suite synth writes under data/eval/embedded/ (never used in training)."""
+
+    # off unless params.yaml asks: code that builds a SynthCfg for a small corpus does not also pay for the suite
+    enabled: bool = False
+    classification: EvalClassificationCfg = Field(default_factory=EvalClassificationCfg)
+    vqa: EvalVqaCfg = Field(default_factory=EvalVqaCfg)
+    survival: EvalSurvivalCfg = Field(default_factory=EvalSurvivalCfg)
+    mil: EvalMilCfg = Field(default_factory=EvalMilCfg)
+
+
 class SynthCfg(Strict):
     image_size: int = Field(96, ge=32, le=512)
     modalities: list[str] = Field(default_factory=lambda: list(MODALITIES))
@@ -36,14 +85,9 @@ class SynthCfg(Strict):
     test_per_modality: int = Field(120, ge=4)
     difficulty: float = Field(0.6, ge=0.0, le=1.0)
     workers: int = Field(2, ge=1)
+    eval_suite: EvalSuiteCfg = Field(default_factory=EvalSuiteCfg)
 
-    @field_validator("modalities")
-    @classmethod
-    def _known(cls, v: list[str]) -> list[str]:
-        bad = [m for m in v if m not in MODALITIES]
-        if bad:
-            raise ValueError(f"unknown modalities {bad}; known: {list(MODALITIES)}")
-        return v
+    _known = field_validator("modalities")(_known_modalities)
 
 
 COLUMN_ROLES = ("id", "image", "caption", "modality", "split", "group", "labels", "licence")
@@ -313,10 +357,38 @@ class DistillCfg(Strict):
     route_by_modality: bool = True
 
 
+class ProbeCfg(Strict):
+    fractions: list[float] = Field(default_factory=lambda: [0.01, 0.1, 1.0])  # of the train split
+    k_shots: list[int] = Field(default_factory=lambda: [1, 4, 16])  # items per class
+    c_grid: list[float] = Field(default_factory=lambda: [0.01, 0.1, 1.0, 10.0, 100.0])  # chosen on val
+
+    @field_validator("fractions")
+    @classmethod
+    def _fractions(cls, v: list[float]) -> list[float]:
+        if not v or any(not 0 < f <= 1 for f in v) or 1.0 not in v:
+            raise ValueError(f"fractions {v}: each in (0, 1], and 1.0 (the full split) among them")
+        return v
+
+
 class EvaluateCfg(Strict):
-    linear_probe_c: float = 1.0
+    # catalog names (mmkd datasets list), `embedded` (the synthetic suite) or `present` (every catalog entry
+    # found under data_root); a named dataset that is missing is reported, never a failure
+    datasets: list[str] = Field(default_factory=lambda: ["embedded"])
+    data_root: str = "data/eval"  # real datasets, laid out as the catalog's `layout` says
+    models: list[str] = Field(default_factory=lambda: ["student", "student_stage1", "teachers"])
     recall_k: list[int] = Field(default_factory=lambda: [1, 5, 10])
+    probe: ProbeCfg = ProbeCfg()
+    folds: int = Field(5, ge=2)  # survival and MIL: stratified K-fold cross-validation
     batch_size: int = 256
+    cache_embeddings: bool = True  # one encoding per (model, dataset); keyed by weights and image fingerprints
+
+    @field_validator("models")
+    @classmethod
+    def _models(cls, v: list[str]) -> list[str]:
+        bad = [m for m in v if m not in ("student", "student_stage1", "teachers")]
+        if bad or not v:
+            raise ValueError(f"unknown models {bad}: choose from student, student_stage1, teachers")
+        return v
 
 
 class RegisterCfg(Strict):
@@ -500,6 +572,25 @@ class Workspace:
     @property
     def leaderboard(self) -> Path:
         return self.reports / "leaderboard.md"
+
+    @property
+    def evaluation(self) -> Path:
+        """Per-(model, dataset) results and the embedding cache of the evaluate step."""
+        return self.artifacts / "evaluation"
+
+    @property
+    def plots(self) -> Path:
+        return self.reports / "plots"
+
+    @property
+    def eval_data(self) -> Path:
+        """Real evaluation datasets (evaluate.data_root)."""
+        return self.root / self.params.evaluate.data_root
+
+    @property
+    def embedded_suite(self) -> Path:
+        """The synthetic evaluation suite written by synth."""
+        return self.data / "eval" / "embedded"
 
     @property
     def registration(self) -> Path:

@@ -54,6 +54,12 @@ def finish(rgb: np.ndarray, rng, noise: float) -> np.ndarray:
 
 # Each renderer: (rng, size, finding, attrs, contrast) -> float RGB in [0, 1].
 # `side` is the patient's side; radiology images show patient-left on image-right.
+# Optional attrs keys (cy, center, centers, cys, xs, glands, focus, nuclei, tone, shade, exudates) place or count
+# what the evaluation suite (data/eval_items.py) describes. Every rng draw still happens when a key overrides it
+# (`attrs.get(key, rng.draw())`), and extra draws happen only when a key is present, so the training corpus,
+# which passes none of them, renders byte-identically.
+SKIN_TONES = {"light": (0.95, 0.8, 0.7), "medium": (0.85, 0.65, 0.5), "dark": (0.6, 0.42, 0.3)}
+NUCLEI = {"small": (0.035, 0.05), "large": (0.075, 0.09)}  # carcinoma nuclear radius range per eval `nuclei`
 
 
 def _side_x(side: str, radiological: bool) -> float:
@@ -75,7 +81,8 @@ def xray(rng, size, finding, attrs, c):
     big = attrs["size"] == "large"
     if finding == "pneumonia":
         r = 0.22 if big else 0.13
-        patch = ellipse(yy, xx, rng.uniform(-0.35, 0.2), sx + rng.uniform(-0.08, 0.08), r, r * 1.2, soft=0.2)
+        cy = attrs.get("cy", rng.uniform(-0.35, 0.2))
+        patch = ellipse(yy, xx, cy, sx + rng.uniform(-0.08, 0.08), r, r * 1.2, soft=0.2)
         img += 0.4 * c * patch * (0.7 + 0.3 * smooth_noise(rng, size, 8))
     elif finding == "effusion":
         level = 0.35 if big else 0.45
@@ -99,11 +106,15 @@ def ct(rng, size, finding, attrs, c):
     big = attrs["size"] == "large"
     if finding == "liver_lesion":
         r = 0.14 if big else 0.08
-        img -= 0.22 * c * ellipse(yy, xx, rng.uniform(-0.3, 0.05), rng.uniform(-0.5, -0.28), r, r)
+        cy, cx = rng.uniform(-0.3, 0.05), rng.uniform(-0.5, -0.28)
+        for cy, cx in attrs.get("centers", [(cy, cx)]):
+            img -= 0.22 * c * ellipse(yy, xx, cy, cx, r, r)
     elif finding == "kidney_stone":
         kx = 0.42 * _side_x(attrs["side"], radiological=True)
         r = 0.06 if big else 0.035
-        img += 0.55 * c * ellipse(yy, xx, 0.25 + rng.uniform(-0.06, 0.06), kx, r, r, soft=0.05)
+        cy = 0.25 + rng.uniform(-0.06, 0.06)
+        for cy in attrs.get("cys", [cy]):
+            img += 0.55 * c * ellipse(yy, xx, cy, kx, r, r, soft=0.05)
     return to_rgb(img + 0.03 * smooth_noise(rng, size, 12))
 
 
@@ -124,7 +135,7 @@ def mri(rng, size, finding, attrs, c):
     if finding == "tumor":
         r = 0.2 if attrs["size"] == "large" else 0.12
         cx = 0.35 * _side_x(attrs["side"], radiological=True)
-        cy = rng.uniform(-0.4, 0.35)
+        cy = attrs.get("cy", rng.uniform(-0.4, 0.35))
         img += 0.08 * c * ellipse(yy, xx, cy, cx, r * 1.7, r * 1.7, soft=0.15)  # edema
         img += 0.15 * c * ellipse(yy, xx, cy, cx, r, r, soft=0.05)
     return to_rgb(img + 0.03 * smooth_noise(rng, size, 10))
@@ -141,7 +152,7 @@ def ultrasound(rng, size, finding, attrs, c):
     img = tissue * speckle
     big = attrs["size"] == "large"
     rad = 0.22 if big else 0.13
-    cy, cx = rng.uniform(-0.1, 0.4), rng.uniform(-0.3, 0.3)
+    cy, cx = attrs.get("center", (rng.uniform(-0.1, 0.4), rng.uniform(-0.3, 0.3)))
     if finding == "cyst":
         m = ellipse(yy, xx, cy, cx, rad, rad * 1.2, soft=0.05)
         img = img * (1 - 0.9 * c * m)
@@ -160,8 +171,10 @@ def pathology(rng, size, finding, attrs, c):
     base = np.stack([0.93 - 0.05 * stroma, 0.72 - 0.1 * stroma, 0.82 - 0.05 * stroma], -1)
     if finding == "normal":
         centers, radii = [], []
-        for _ in range(rng.integers(2, 4)):
-            gy, gx, gr = rng.uniform(-0.6, 0.6), rng.uniform(-0.6, 0.6), rng.uniform(0.2, 0.3)
+        n_glands = rng.integers(2, 4)
+        glands = attrs.get("glands") or [(rng.uniform(-0.6, 0.6), rng.uniform(-0.6, 0.6), rng.uniform(0.2, 0.3))
+                                         for _ in range(n_glands)]
+        for gy, gx, gr in glands:
             lumen = ellipse(yy, xx, gy, gx, gr * 0.6, gr * 0.6)
             base = base * (1 - 0.7 * lumen[..., None]) + 0.7 * lumen[..., None] * np.array([0.97, 0.93, 0.95])
             t = np.linspace(0, 2 * np.pi, 14, endpoint=False)
@@ -173,6 +186,8 @@ def pathology(rng, size, finding, attrs, c):
         n = int(50 + 70 * c)
         centers = list(rng.uniform(-1, 1, (n, 2)))
         radii = list(rng.uniform(0.045, 0.045 + 0.04 * c, n))
+        if "nuclei" in attrs:
+            radii = list(rng.uniform(*NUCLEI[attrs["nuclei"]], n))
         n_extra = 0
         tone = np.array([0.3, 0.12, 0.45]) * (1 - 0.3 * c)
     else:  # inflammation: many small dark lymphocytes
@@ -181,6 +196,9 @@ def pathology(rng, size, finding, attrs, c):
         radii = list(np.full(n, 0.028))
         n_extra = 15
         tone = np.array([0.25, 0.15, 0.5])
+    if "focus" in attrs and finding != "normal":  # a focal lesion: its cells gathered around (fy, fx)
+        fy, fx, fr = attrs["focus"]
+        centers = [np.asarray(p) * fr + (fy, fx) for p in centers]
     extra = rng.uniform(-1, 1, (n_extra, 2))
     centers = np.array(list(centers) + list(extra), dtype=np.float32).reshape(-1, 2)
     radii = np.array(list(radii) + [0.035] * n_extra, dtype=np.float32)
@@ -191,16 +209,19 @@ def pathology(rng, size, finding, attrs, c):
 
 def dermatology(rng, size, finding, attrs, c):
     yy, xx = grid(size)
-    tone = np.array(rng.choice([[0.95, 0.8, 0.7], [0.85, 0.65, 0.5], [0.6, 0.42, 0.3]]))
+    tone = np.array(rng.choice([list(t) for t in SKIN_TONES.values()]))
+    if "tone" in attrs:
+        tone = np.array(SKIN_TONES[attrs["tone"]])
     skin = tone * (1 + 0.05 * smooth_noise(rng, size, 16))[..., None]
-    cy, cx = rng.uniform(-0.2, 0.2, 2)
+    cy, cx = attrs.get("center", rng.uniform(-0.2, 0.2, 2))
     big = attrs["size"] == "large"
     r0 = 0.4 if big else 0.25
     theta = np.arctan2(yy - cy, xx - cx)
     dist = np.sqrt((yy - cy) ** 2 + (xx - cx) ** 2)
     if finding == "nevus":
         m = 1 / (1 + np.exp((dist - r0 * 0.8) / 0.02))
-        color = np.array([0.45, 0.28, 0.18]) * rng.uniform(0.6, 1.3)  # nevi range from tan to dark brown
+        shade = attrs.get("shade", rng.uniform(0.6, 1.3))  # nevi range from tan to dark brown
+        color = np.array([0.45, 0.28, 0.18]) * shade
         lesion = np.broadcast_to(color, skin.shape) * (1 + 0.15 * smooth_noise(rng, size, 4))[..., None]
     elif finding == "melanoma":
         wobble = 1 + 0.15 * c * (np.sin(3 * theta + rng.uniform(0, 6)) + 0.6 * np.sin(7 * theta + rng.uniform(0, 6)))
@@ -246,7 +267,8 @@ def fundus(rng, size, finding, attrs, c):
         out = out * (1 - dots) + dots * np.array([0.45, 0.02, 0.02])
         k = int(3 + 10 * c)
         ex = blobs(yy, xx, rng.uniform(-0.5, 0.5, (k, 2)), np.full(k, 0.05), soft=0.5)[..., None]
-        out = out * (1 - ex) + ex * np.array([0.98, 0.9, 0.45])
+        if attrs.get("exudates", True):
+            out = out * (1 - ex) + ex * np.array([0.98, 0.9, 0.45])
     return out * retina[..., None]
 
 
@@ -258,7 +280,8 @@ def oct(rng, size, finding, attrs, c):
     rpe_y = 0.35 + 0.03 * np.sin(xx * 2)
     if finding == "drusen":
         k = int(2 + 4 * c)
-        for x0 in rng.uniform(-0.7, 0.7, k):
+        xs = rng.uniform(-0.7, 0.7, k)
+        for x0 in attrs.get("xs", xs):
             rpe_y = rpe_y - 0.12 * c * np.exp(-((xx - x0) ** 2) / 0.008)
     retina = (depth > 0) & (yy < rpe_y)
     img += retina * (0.35 + 0.15 * np.sin(depth * 30))
@@ -267,8 +290,8 @@ def oct(rng, size, finding, attrs, c):
     img += 0.3 * (yy > rpe_y) * np.exp(-(yy - rpe_y) * 3)
     if finding == "fluid":
         k = 1 + int(2 * c)
-        for _ in range(k):
-            x0 = rng.uniform(-0.4, 0.4)
+        xs = [rng.uniform(-0.4, 0.4) for _ in range(k)]
+        for x0 in attrs.get("xs", xs):
             r = 0.08 + 0.12 * c * (1.3 if attrs["size"] == "large" else 0.8)
             img *= 1 - 0.95 * ellipse(yy, xx, 0.05, x0, r * 0.6, r, soft=0.05)
     speckle = rng.gamma(4.0, 0.25, (size, size))
@@ -282,7 +305,7 @@ def endoscopy(rng, size, finding, attrs, c):
     lumen = ellipse(yy, xx, rng.uniform(-0.3, 0.3), rng.uniform(-0.3, 0.3), 0.25, 0.2, soft=0.2)
     base = np.stack([0.85 - 0.15 * folds, 0.45 - 0.12 * folds, 0.4 - 0.1 * folds], -1)
     base = base * (1 - 0.8 * lumen[..., None])
-    cy, cx = rng.uniform(-0.5, 0.5, 2)
+    cy, cx = attrs.get("center", rng.uniform(-0.5, 0.5, 2))
     r = 0.28 if attrs["size"] == "large" else 0.16
     if finding == "polyp":
         m = ellipse(yy, xx, cy, cx, r, r, soft=0.08)

@@ -183,6 +183,9 @@ SPLITS = ("train", "probe", "test")
 # so no teacher sample can coincide with a student sample or with another teacher's
 TEACHER_SPLIT = "teacher"
 _NAMESPACES = (*SPLITS, TEACHER_SPLIT)
+# the embedded evaluation suite (data/eval_suite.py): a fifth namespace, after all of the above, so that no
+# suite image can coincide with a training, probe, test or teacher image
+EVAL_NAMESPACE = len(_NAMESPACES)
 
 
 def _cap(s: str) -> str:
@@ -257,7 +260,8 @@ def _render_chunk(args) -> list[dict]:
 
 
 def generate(cfg: SynthCfg, seed: int, root: Path) -> dict:
-    """Write PNGs, `manifest.jsonl` and `tasks.json` under root. Deterministic for a given seed."""
+    """Write PNGs, `manifest.jsonl` and `tasks.json` under root, and the evaluation suite under root/eval/embedded
+    when enabled. Deterministic for a given seed."""
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
     counts = {"train": cfg.train_per_modality, "probe": cfg.probe_per_modality, "test": cfg.test_per_modality}
@@ -282,4 +286,9 @@ def generate(cfg: SynthCfg, seed: int, root: Path) -> dict:
                 bar.update(len(chunk))
     write_jsonl(root / "manifest.jsonl", records)
     (root / "tasks.json").write_text(json.dumps(tasks_description(cfg.modalities), indent=1))
-    return {"records": len(records), "modalities": len(cfg.modalities)}
+    summary = {"records": len(records), "modalities": len(cfg.modalities)}
+    if cfg.eval_suite.enabled:
+        from mmkd.data.eval_suite import SUITE_DIR, generate_suite  # it imports this module
+
+        summary |= generate_suite(cfg, seed, root / SUITE_DIR)
+    return summary

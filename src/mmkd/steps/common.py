@@ -26,6 +26,8 @@ class Context:
     parent_run_id: str | None = None
     # set by the Prefect flow: runs cache_features' work units as mapped tasks (threads or a Dask cluster)
     map_units: Callable[[list[str]], list[dict]] | None = None
+    # set by the Prefect flow: runs evaluate's (model, dataset) units as mapped tasks, recording failures
+    map_eval_units: Callable[[list[tuple[str, str]]], None] | None = None
 
     @property
     def params(self) -> Params:

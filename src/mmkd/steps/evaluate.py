@@ -1,57 +1,202 @@
-"""Owns the `evaluate` step: students and teachers on the held-out sets -> metrics and leaderboard."""
+"""Owns the `evaluate` step: every model on every selected dataset, one unit per (model, dataset), then reports."""
 
 from __future__ import annotations
 
+import hashlib
 import json
+import logging
+import shutil
+import time
+from pathlib import Path
 
-from mmkd.steps.common import Context, _device, StepRun
-from mmkd.steps.teachers import load_teachers
+from mmkd.steps.common import Context, StepRun, _device
+
+log = logging.getLogger("mmkd")
+# models and the current dataset, shared by the units of one evaluate step (they run in its process, one after
+# another, dataset by dataset); None outside a step, so nothing outlives the weights it was loaded from
+_SESSION: dict | None = None
+
+
+def select_entries(ctx: Context) -> tuple[list, dict[str, str]]:
+    """(present catalog entries to evaluate, missing name -> where it was looked for and how to get it).
+    `embedded` selects the synthetic suite, `present` every catalog entry found on disk; unknown names fail."""
+    from mmkd.evaluation.catalog import load_catalog, resolve, status, suite_entries
+
+    p = ctx.params
+    embedded = suite_entries(p) if p.synth.eval_suite.enabled else []
+    catalog = {e.name: e for e in [*embedded, *load_catalog()]}
+    chosen: dict[str, object] = {}
+    for name in p.evaluate.datasets:
+        if name == "embedded":
+            chosen.update({e.name: e for e in embedded})
+        elif name == "present":
+            chosen.update({e.name: e for e in catalog.values()
+                           if status(e, resolve(e, ctx.ws.eval_data, ctx.ws.embedded_suite))[0] == "present"})
+        elif name in catalog:
+            chosen[name] = catalog[name]
+        else:
+            raise KeyError(f"evaluate.datasets: unknown dataset '{name}'; `mmkd datasets list` shows the catalog")
+    present, missing = [], {}
+    for e in chosen.values():
+        folder = resolve(e, ctx.ws.eval_data, ctx.ws.embedded_suite)
+        state, detail = status(e, folder)
+        if state == "present":
+            present.append(e)
+        else:
+            missing[e.name] = f"{state}: {detail}"
+            log.warning("evaluate: dataset %s is %s: %s", e.name, state, detail)
+    return present, missing
+
+
+def plan_evaluation(ctx: Context) -> dict:
+    """Models and datasets of this evaluation, written to artifacts/evaluation/plan.json for the units."""
+    entries, missing = select_entries(ctx)
+    models = []
+    for name in ctx.params.evaluate.models:
+        if name == "teachers":
+            models += [{"name": s.name, "kind": "teacher", "domain": list(s.modalities)}
+                       for s in ctx.params.teachers.registry]
+        else:
+            models.append({"name": name, "kind": "student", "domain": None})
+    datasets = [{"name": e.name, "modalities": list(e.modalities),
+                 "modality": e.modalities[0] if len(e.modalities) == 1 else "mixed", "tasks": list(e.tasks)}
+                for e in entries]
+    plan = {"models": models, "datasets": datasets, "missing": missing}
+    out = ctx.ws.evaluation
+    shutil.rmtree(out / "results", ignore_errors=True)  # a unit's result is this run's, or absent
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "plan.json").write_text(json.dumps(plan, indent=1))
+    return plan
+
+
+def _file_sha(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()[:16]
+
+
+def load_model(ctx: Context, name: str):
+    """(encoder, weights version) of a student folder or a registry teacher."""
+    import open_clip
+
+    from mmkd.models.encoder import ClipEncoder
+    from mmkd.models.factory import load_checkpoint
+    from mmkd.teachers.registry import load_teacher
+
+    device = _device(ctx)
+    folders = {"student": ctx.ws.student, "student_stage1": ctx.ws.stage1}
+    if name in folders:
+        model, meta = load_checkpoint(folders[name], device)
+        enc = ClipEncoder(name, model, open_clip.get_tokenizer(meta["model"]), device)
+        return enc, _file_sha(folders[name] / "model.safetensors")
+    spec = next((s for s in ctx.params.teachers.registry if s.name == name), None)
+    if spec is None:
+        raise KeyError(f"evaluate: '{name}' is neither a student nor a teacher of the registry")
+    enc = load_teacher(spec, ctx.ws.teachers, device)
+    return enc, enc.version
+
+
+def _entry(ctx: Context, name: str):
+    from mmkd.evaluation.catalog import load_catalog, suite_entries
+
+    for e in [*suite_entries(ctx.params), *load_catalog()]:
+        if e.name == name:
+            return e
+    raise KeyError(f"evaluate: dataset '{name}' is not in the catalog")
+
+
+def _load(ctx: Context, entry):
+    from mmkd.evaluation.catalog import load_dataset, resolve
+
+    ds = load_dataset(entry, resolve(entry, ctx.ws.eval_data, ctx.ws.embedded_suite))
+    if ds.rejected:
+        log.warning("evaluate: %s: %d records refused, e.g. %s: %s", entry.name, len(ds.rejected), *ds.rejected[0])
+    return ds
+
+
+def _cache_dir(ctx: Context) -> Path | None:
+    return ctx.ws.evaluation / "embeddings" if ctx.params.evaluate.cache_embeddings else None
+
+
+def _session_model(session: dict, ctx: Context, name: str):
+    models = session.setdefault("models", {})
+    if name not in models:
+        models[name] = load_model(ctx, name)
+    return models[name]
+
+
+def _session_dataset(session: dict, ctx: Context, name: str):
+    """(entry, dataset, decoded images) of the dataset the units are on; decoded once for all models."""
+    if session.get("dataset", (None,))[0] != name:
+        session.pop("dataset", None)  # one dataset in memory at a time
+        entry = _entry(ctx, name)
+        ds = _load(ctx, entry)
+        session["dataset"] = (name, entry, ds, [ds.images.load(i) for i in range(len(ds.images))])
+    return session["dataset"][1:]
+
+
+def run_unit(ctx: Context, model: str, dataset: str) -> dict:
+    """One (model, dataset) unit (a Prefect mapped task, or a step of the in-process loop): evaluate, write."""
+    from mmkd.evaluation.run import evaluate_pair, write_result
+
+    session = _SESSION if _SESSION is not None else {}
+    entry, ds, images = _session_dataset(session, ctx, dataset)
+    encoder, version = _session_model(session, ctx, model)
+    res = evaluate_pair(encoder, version, entry, ds, ctx.params.evaluate, ctx.params.seed, _cache_dir(ctx), images)
+    write_result(ctx.ws.evaluation / "results", model, dataset, res)
+    return {"model": model, "dataset": dataset, "seconds": res["seconds"]}
+
+
+def record_failure(ctx: Context, model: str, dataset: str, error: str) -> None:
+    from mmkd.evaluation.run import write_result
+
+    log.error("evaluate: %s on %s failed: %s", model, dataset, error)
+    write_result(ctx.ws.evaluation / "results", model, dataset, {"error": error})
+
+
+def _run_in_process(ctx: Context, units: list[tuple[str, str]]) -> None:
+    """Unit after unit; a failing one is recorded and the others go on."""
+    for model, dataset in units:
+        try:
+            run_unit(ctx, model, dataset)
+        except Exception as e:
+            record_failure(ctx, model, dataset, f"{type(e).__name__}: {e}")
 
 
 def step_evaluate(ctx: Context, run: StepRun) -> dict:
-    import open_clip
-
-    from mmkd.evaluation.evaluate import Candidate, evaluate, leaderboard, write_reports
-    from mmkd.data.store import split_records
-    from mmkd.features.store import FeatureStore
-    from mmkd.models.encoder import ClipEncoder
-    from mmkd.models.factory import load_checkpoint
+    from mmkd.evaluation.report import write_reports
 
     p, ws = ctx.params, ctx.ws
     run.log_params({"evaluate": p.evaluate.model_dump()})
-    device = _device(ctx)
-    tasks = json.loads((ws.curated / "tasks.json").read_text())
-    candidates = []
-    for name, folder in (("student", ws.student), ("student_stage1", ws.stage1)):
-        model, meta = load_checkpoint(folder, device)
-        candidates.append(Candidate(name, ClipEncoder(name, model, open_clip.get_tokenizer(meta["model"]), device), "student"))
-    held = {s: split_records(ws.curated, s) for s in ("probe", "test")}
-    store = FeatureStore(ws.teacher_features)
-    for spec, enc in load_teachers(ctx):  # teachers embed the prompts; their held-out embeddings come from the store
-        emb = {s: teacher_embeddings(store, spec.name, enc.version, enc.embed_dim, recs) for s, recs in held.items()}
-        candidates.append(Candidate(spec.name, enc, "teacher", spec.modalities, emb))
-    store.close()
-    results = evaluate(candidates, ws.curated, tasks, p.evaluate.recall_k, p.evaluate.linear_probe_c, p.seed,
-                       p.evaluate.batch_size)
-    board = leaderboard(results, candidates)
-    write_reports(results, board, ws.metrics, ws.leaderboard)
-    for model_name, per in results.items():
+    t0 = time.perf_counter()
+    plan = plan_evaluation(ctx)
+    if not plan["datasets"]:
+        raise FileNotFoundError("evaluate: none of evaluate.datasets is present: "
+                                + "; ".join(f"{k} ({v})" for k, v in plan["missing"].items()))
+    units = [(m["name"], d["name"]) for d in plan["datasets"] for m in plan["models"]]  # dataset by dataset
+    global _SESSION
+    _SESSION = {}
+    try:
+        if ctx.map_eval_units is not None:  # the Prefect flow: one mapped task per unit, failures recorded by it
+            ctx.map_eval_units(units)
+        else:
+            _run_in_process(ctx, units)
+    finally:
+        _SESSION = None
+    out = write_reports(plan, ws.evaluation / "results", ws.metrics, ws.leaderboard, ws.plots,
+                        ws.evaluation / "status.json", plan["missing"])
+    seconds = time.perf_counter() - t0
+    for model_name, per in out["metrics"].items():
         run.log_metrics({f"{model_name}.{d}.{k}": v for d, m in per.items() for k, v in m.items()})
-    run.log_artifact(ws.metrics)
-    run.log_artifact(ws.leaderboard)
-    return {m: per["mean"] for m, per in results.items()}
-
-
-def teacher_embeddings(store, teacher: str, version: str, dim: int, records: list[dict]) -> dict:
-    """One split's cached image and text embeddings of a teacher; every record must be covered."""
-    import numpy as np
-
-    from mmkd.features.store import FeatureError
-
-    shard, row = store.locate(teacher, version, np.array([r["key"] for r in records], dtype="S32"))
-    if (shard < 0).any():
-        first = records[int(np.flatnonzero(shard < 0)[0])]
-        raise FeatureError(f"teacher '{teacher}' version {version}: no cached features for held-out sample "
-                           f"'{first['id']}' ({int((shard < 0).sum())} missing); run cache_features")
-    image, text = store.gather(shard, row, dim)
-    return {"image": image, "text": text}
+    run.log_metrics({"evaluation_seconds": seconds, "evaluation_units": len(units),
+                     "evaluation_failed_units": len(out["status"]["failed"]),
+                     "evaluation_missing_datasets": len(plan["missing"])})
+    for path in (ws.metrics, ws.leaderboard, ws.evaluation / "status.json", *out["plots"]):
+        run.log_artifact(path)
+    failed = out["status"]["failed"]
+    if failed and len(failed) == len(units):
+        raise RuntimeError(f"evaluate: every unit failed, e.g. {next(iter(failed.items()))}")
+    return {"seconds": round(seconds, 1), "units": len(units), "failed": failed, "missing": plan["missing"],
+            **{m: per["mean"] for m, per in out["metrics"].items()}}

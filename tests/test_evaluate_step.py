@@ -1,0 +1,68 @@
+"""Model tests: the evaluate step through Prefect: a unit per (model, dataset), failures and missing sets reported."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+import yaml
+
+from tests.conftest import REPO
+
+pytestmark = pytest.mark.e2e
+
+
+def _workspace(smoke_root, tmp_path, datasets: list[str]):
+    """The smoke run's models and suite in a fresh workspace, evaluating `datasets`."""
+    for part in ("artifacts/student", "artifacts/student_stage1", "artifacts/teachers", "data/eval"):
+        shutil.copytree(smoke_root / part, tmp_path / part)
+    params = yaml.safe_load((REPO / "params.yaml").read_text())
+    params["profile"] = "smoke"
+    params["profiles"]["smoke"]["evaluate"]["datasets"] = datasets
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    return tmp_path
+
+
+def test_a_broken_dataset_fails_its_units_and_a_missing_one_is_reported_the_others_complete(smoke_run, tmp_path):
+    from prefect.client.orchestration import get_client
+
+    from tasks.evaluate import evaluate
+
+    root = _workspace(smoke_run["root"], tmp_path, ["embedded-pathology", "embedded-mil-ct", "pcam"])
+    broken = sorted((root / "data/eval/embedded/mil-ct/patches").glob("*/*.png"))[0]
+    broken.write_bytes(b"not a png")
+    result = evaluate(str(root), str(root / "params.yaml"), "smoke", None)
+
+    summary = result["summary"]
+    assert set(summary["missing"]) == {"pcam"} and "to get it" in summary["missing"]["pcam"]
+    assert set(summary["failed"]) == {f"{m}/embedded-mil-ct" for m in
+                                      ("student", "student_stage1", "rad-clip", "path-clip", "vis-clip", "bio-clip")}
+    assert all(broken.name in why for why in summary["failed"].values())  # the error names the bad file
+    metrics = json.loads((root / "reports/metrics.json").read_text())
+    assert all(set(per) == {"embedded-pathology", "mean"} for per in metrics.values())
+    board = (root / "reports/leaderboard.md").read_text()
+    assert "## Not evaluated" in board and "pcam: missing" in board and "student/embedded-mil-ct: failed" in board
+    with get_client(sync_client=True) as client:  # each unit was its own task run; the broken ones were retried
+        runs = [r for r in client.read_task_runs() if r.name.startswith("evaluate ")]
+    failed = [r for r in runs if r.state.is_failed()]
+    assert sorted(r.name for r in failed) == sorted(f"evaluate {u.replace('/', ' on ')}" for u in summary["failed"])
+    assert all(r.run_count == 2 for r in failed)
+    assert len([r for r in runs if r.flow_run_id == failed[0].flow_run_id]) == 12
+
+def test_cli_evaluate_runs_named_datasets_and_reports_missing_ones(smoke_run, tmp_path):
+    from typer.testing import CliRunner
+
+    from mmkd.cli import app
+
+    root = _workspace(smoke_run["root"], tmp_path, ["embedded-xray"])
+    res = CliRunner().invoke(app, ["evaluate", "--root", str(root), "--datasets", "embedded-vqa,kvasir-v2",
+                                   "--models", "student,teachers", "--reports", str(tmp_path / "adhoc")])
+    assert res.exit_code == 0, (res.output, res.exception)
+    assert "missing: kvasir-v2" in res.output and "vqa_acc" in res.output
+    metrics = json.loads((tmp_path / "adhoc" / "metrics.json").read_text())
+    assert set(metrics) == {"student", "rad-clip", "path-clip", "vis-clip", "bio-clip"}
+    assert set(metrics["student"]) == {"embedded-vqa", "mean"}
+    assert not (root / "reports" / "metrics.json").exists()  # --reports left the pipeline's metrics alone
+    res = CliRunner().invoke(app, ["evaluate", "--root", str(root), "--datasets", "no-such-set"])
+    assert res.exit_code == 2 and "unknown dataset 'no-such-set'" in res.output
