@@ -39,8 +39,8 @@ def test_metrics_cover_every_model_dataset_and_task_type(smoke_run):
     assert all(name in board for name in metrics) and "win/tie/loss" in board
     for task in ("zeroshot", "probe", "retrieval", "vqa", "survival", "mil"):
         assert f"## {task}" in board
-    status = json.loads((root / "artifacts" / "evaluation" / "status.json").read_text())
-    assert status["failed"] == {} and status["missing"] == {}
+    status = json.loads((root / "reports" / "evaluation.json").read_text())
+    assert status["failed"] == {} and status["missing"] == {} and len(status["evaluation_id"]) == 16
     assert (root / "reports" / "plots" / "student_vs_best_teacher.csv").exists()
     # each (model, dataset) unit was its own Prefect task run, and its embeddings were cached
     assert len(list((root / "artifacts" / "evaluation" / "embeddings").glob("*/*.npz"))) == 6 * len(SUITE)

@@ -110,3 +110,16 @@ def test_embeddings_are_cached_per_model_and_dataset_and_refreshed_when_anything
     ds.images = ArrayImages(rng.integers(0, 255, (5, 8, 8, 3), dtype=np.uint8))  # new images
     _, cached = dataset_embeddings(enc, "v2", ds, prompts, 2, tmp_path)
     assert not cached
+
+
+def test_the_evaluation_id_changes_with_the_datasets_their_sizes_and_the_settings():
+    from mmkd.evaluation.report import evaluation_id
+
+    plan = {**PLAN, "settings": {"seed": 1, "folds": 5}}
+    sized = {m: {d: {**v, "n_test": 400.0} for d, v in per.items()} for m, per in RESULTS.items()}
+    base = evaluation_id(plan, sized)
+    assert base == evaluation_id(json.loads(json.dumps(plan)), sized)  # a pure function of what was measured
+    assert base != evaluation_id({**plan, "settings": {"seed": 1, "folds": 3}}, sized)
+    assert base != evaluation_id({**plan, "datasets": plan["datasets"][:1]}, sized)
+    smaller = {m: {d: {**v, "n_test": 300.0} for d, v in per.items()} for m, per in RESULTS.items()}
+    assert base != evaluation_id(plan, smaller)

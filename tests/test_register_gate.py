@@ -151,6 +151,20 @@ def test_champion_without_a_comparable_score_is_replaced_and_the_reason_says_so(
     assert str(client.get_model_version_by_alias("legacy", "candidate").version) == d.version
 
 
+def test_a_champion_scored_on_another_evaluation_is_not_compared(registry):
+    """Scores from two different evaluation suites (other datasets, sizes or task settings) are not comparable."""
+    client = registry["client"]
+    first = gate(client, "evals", cheap_version(client, "evals"), 0.9, METRIC, evaluation="aaaa")
+    assert first.promoted and first.evaluation == "aaaa"
+    same = gate(client, "evals", cheap_version(client, "evals"), 0.5, METRIC, evaluation="aaaa")
+    assert not same.promoted and same.champion_score == 0.9  # the same evaluation: compared, and worse
+    other = gate(client, "evals", cheap_version(client, "evals"), 0.5, METRIC, evaluation="bbbb")
+    assert other.promoted and other.champion_score is None
+    assert "scored on another evaluation (aaaa, now bbbb)" in other.reason
+    tags = client.get_model_version("evals", other.version).tags
+    assert tags["mmkd.gate_evaluation"] == "bbbb"
+
+
 def test_metric_paths(tmp_path):
     m = {"student": {"mean": {"zeroshot_acc1": 0.7, "bad": float("nan")}, "set.v2": {"acc": 1}}}
     assert metric_value(m, "student.mean.zeroshot_acc1") == 0.7

@@ -375,7 +375,7 @@ class EvaluateCfg(Strict):
     # found under data_root); a named dataset that is missing is reported, never a failure
     datasets: list[str] = Field(default_factory=lambda: ["embedded"])
     data_root: str = "data/eval"  # real datasets, laid out as the catalog's `layout` says
-    models: list[str] = Field(default_factory=lambda: ["student", "student_stage1", "teachers"])
+    models: list[str] = Field(default_factory=lambda: ["student", "teachers"])  # + student_stage1: the ablation
     recall_k: list[int] = Field(default_factory=lambda: [1, 5, 10])
     probe: ProbeCfg = ProbeCfg()
     folds: int = Field(5, ge=2)  # survival and MIL: stratified K-fold cross-validation
@@ -577,6 +577,11 @@ class Workspace:
     def evaluation(self) -> Path:
         """Per-(model, dataset) results and the embedding cache of the evaluate step."""
         return self.artifacts / "evaluation"
+
+    @property
+    def evaluation_report(self) -> Path:
+        """What the evaluation covered: its id, the missing datasets and failed units (the promotion gate reads it)."""
+        return self.reports / "evaluation.json"
 
     @property
     def plots(self) -> Path:

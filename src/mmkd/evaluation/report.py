@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import hashlib
 import json
 from pathlib import Path
 
@@ -149,6 +150,8 @@ def leaderboard(plan: dict, results: dict, status: dict) -> str:
                 text = _fmt(v)
                 cells.append(f"**{text}**" if v is not None and v[0] == best else text)
             lines.append(f"| {r['dataset']} | {r['metric']} | " + " | ".join(cells) + " |")
+    lines += ["", f"Evaluation id `{status.get('evaluation_id')}` (datasets, sizes and task settings; the promotion "
+              "gate compares scores of one id only)."]
     if status.get("missing") or status.get("failed"):
         lines += ["", "## Not evaluated", ""]
         lines += [f"- {d}: missing ({why})" for d, why in sorted(status.get("missing", {}).items())]
@@ -237,6 +240,19 @@ def write_plots(plan: dict, results: dict, plots_dir: Path) -> list[Path]:
     return paths
 
 
+def evaluation_id(plan: dict, results: dict) -> str:
+    """What the scores were measured on: every dataset with its tasks and test size, and the task settings. Scores
+    of two evaluations are comparable only when their ids are equal (the promotion gate checks); regenerating the
+    suite with the same params keeps the id."""
+    sizes: dict[str, float] = {}
+    for per in results.values():
+        for d, m in per.items():
+            sizes.setdefault(d, m.get("n_test"))
+    key = {"datasets": [[d["name"], d["tasks"], sizes.get(d["name"])] for d in plan["datasets"]],
+           "settings": plan.get("settings")}
+    return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
+
+
 def load_results(results_dir: Path, plan: dict) -> tuple[dict, dict]:
     """(model -> dataset -> metrics, failures 'model/dataset' -> reason) from the per-pair result files."""
     results: dict[str, dict] = {}
@@ -261,7 +277,7 @@ def load_results(results_dir: Path, plan: dict) -> tuple[dict, dict]:
 def write_reports(plan: dict, results_dir: Path, metrics_path: Path, leaderboard_path: Path, plots_dir: Path,
                   status_path: Path, missing: dict[str, str]) -> dict:
     results, failed = load_results(results_dir, plan)
-    status = {"missing": missing, "failed": failed}
+    status = {"evaluation_id": evaluation_id(plan, results), "missing": missing, "failed": failed}
     metrics = metrics_json(results)
     metrics_path.parent.mkdir(parents=True, exist_ok=True)
     metrics_path.write_text(json.dumps(metrics, indent=1, sort_keys=True))

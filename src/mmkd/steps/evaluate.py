@@ -61,7 +61,9 @@ def plan_evaluation(ctx: Context) -> dict:
     datasets = [{"name": e.name, "modalities": list(e.modalities),
                  "modality": e.modalities[0] if len(e.modalities) == 1 else "mixed", "tasks": list(e.tasks)}
                 for e in entries]
-    plan = {"models": models, "datasets": datasets, "missing": missing}
+    e = ctx.params.evaluate
+    settings = {"seed": ctx.params.seed, "recall_k": e.recall_k, "probe": e.probe.model_dump(), "folds": e.folds}
+    plan = {"models": models, "datasets": datasets, "missing": missing, "settings": settings}
     out = ctx.ws.evaluation
     shutil.rmtree(out / "results", ignore_errors=True)  # a unit's result is this run's, or absent
     out.mkdir(parents=True, exist_ok=True)
@@ -186,17 +188,18 @@ def step_evaluate(ctx: Context, run: StepRun) -> dict:
     finally:
         _SESSION = None
     out = write_reports(plan, ws.evaluation / "results", ws.metrics, ws.leaderboard, ws.plots,
-                        ws.evaluation / "status.json", plan["missing"])
+                        ws.evaluation_report, plan["missing"])
     seconds = time.perf_counter() - t0
     for model_name, per in out["metrics"].items():
         run.log_metrics({f"{model_name}.{d}.{k}": v for d, m in per.items() for k, v in m.items()})
     run.log_metrics({"evaluation_seconds": seconds, "evaluation_units": len(units),
                      "evaluation_failed_units": len(out["status"]["failed"]),
                      "evaluation_missing_datasets": len(plan["missing"])})
-    for path in (ws.metrics, ws.leaderboard, ws.evaluation / "status.json", *out["plots"]):
+    for path in (ws.metrics, ws.leaderboard, ws.evaluation_report, *out["plots"]):
         run.log_artifact(path)
     failed = out["status"]["failed"]
     if failed and len(failed) == len(units):
         raise RuntimeError(f"evaluate: every unit failed, e.g. {next(iter(failed.items()))}")
     return {"seconds": round(seconds, 1), "units": len(units), "failed": failed, "missing": plan["missing"],
+            "evaluation_id": out["status"]["evaluation_id"],
             **{m: per["mean"] for m, per in out["metrics"].items()}}

@@ -15,10 +15,14 @@ def step_register(ctx: Context, run: StepRun) -> dict:
     run.log_params({"register": cfg.model_dump()})
     tracker = ctx.tracker()
     metrics = json.loads(ws.metrics.read_text()) if ws.metrics.exists() else {}
+    # the id of the evaluation the score comes from: a champion scored on another one is not compared
+    evaluation = (json.loads(ws.evaluation_report.read_text()).get("evaluation_id")
+                  if ws.evaluation_report.exists() else None)
     decision = register_student(
         tracker.uri, run.run_id, ws.student, ws.metrics, cfg.model_name, cfg.metric, cfg.higher_is_better,
         cfg.challenger_alias, cfg.champion_alias,
-        metadata={"profile": p.profile, "mean_metrics": metrics.get("student", {}).get("mean")})
+        metadata={"profile": p.profile, "mean_metrics": metrics.get("student", {}).get("mean")},
+        evaluation=evaluation)
     d = decision.as_dict()
     run.log_metrics({"gate": {"challenger_score": decision.challenger_score, "champion_score": decision.champion_score,
                               "promoted": float(decision.promoted)}})

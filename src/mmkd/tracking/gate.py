@@ -8,9 +8,10 @@ dotted path into reports/metrics.json (model -> held-out set -> metric), by defa
 The rule, for a new version with score s:
 - it gets the challenger alias;
 - no champion yet: it becomes the champion;
-- the champion has no comparable score (no score tag, an unreadable one, or one of another metric, e.g. after
-  `register.metric` changed): it becomes the champion, and the reason says so (refusing would freeze the
-  champion forever; a version scored by another metric cannot be compared);
+- the champion has no comparable score (no score tag, an unreadable one, one of another metric, e.g. after
+  `register.metric` changed, or one measured on another evaluation: other datasets, sizes or task settings):
+  it becomes the champion, and the reason says so (refusing would freeze the champion forever; a version
+  scored by another metric or on other data cannot be compared);
 - otherwise it becomes the champion when s >= the champion's score (s <= when lower is better), ties included,
   so an equally good retrain on newer data replaces the old champion.
 
@@ -31,6 +32,7 @@ METRIC_TAG = "mmkd.gate_metric"
 SCORE_TAG = "mmkd.gate_score"
 DECISION_TAG = "mmkd.gate_decision"  # promoted | held
 REASON_TAG = "mmkd.gate_reason"
+EVALUATION_TAG = "mmkd.gate_evaluation"  # what the score was measured on (reports/evaluation.json's id)
 
 
 class GateError(ValueError):
@@ -51,6 +53,7 @@ class Decision:
     reason: str
     challenger_alias: str
     champion_alias: str
+    evaluation: str | None = None            # the evaluation id the challenger's score was measured on
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -101,13 +104,15 @@ def _alias_version(client: MlflowClient, model_name: str, alias: str):
         raise
 
 
-def _recorded_score(version, metric: str) -> tuple[float | None, str]:
-    """(score, '') when the version carries a score of `metric`, else (None, why not)."""
+def _recorded_score(version, metric: str, evaluation: str | None = None) -> tuple[float | None, str]:
+    """(score, '') when the version carries a score of `metric` (on `evaluation`, when given), else (None, why)."""
     tags = version.tags or {}
     if SCORE_TAG not in tags or METRIC_TAG not in tags:
         return None, "no gate score recorded"
     if tags[METRIC_TAG] != metric:
         return None, f"scored by '{tags[METRIC_TAG]}', not '{metric}'"
+    if evaluation is not None and tags.get(EVALUATION_TAG) != evaluation:
+        return None, f"scored on another evaluation ({tags.get(EVALUATION_TAG, 'none recorded')}, now {evaluation})"
     try:
         score = float(tags[SCORE_TAG])
     except ValueError:
@@ -117,11 +122,14 @@ def _recorded_score(version, metric: str) -> tuple[float | None, str]:
 
 def gate(client: MlflowClient, model_name: str, version: str, score: float, metric: str,
          higher_is_better: bool = True, challenger_alias: str = "challenger",
-         champion_alias: str = "champion") -> Decision:
-    """Tag `version` with its score, give it the challenger alias, and move the champion alias to it if it wins."""
+         champion_alias: str = "champion", evaluation: str | None = None) -> Decision:
+    """Tag `version` with its score, give it the challenger alias, and move the champion alias to it if it wins.
+    `evaluation`: the id of what the score was measured on; a champion scored on another one is not compared."""
     version = str(version)
     client.set_model_version_tag(model_name, version, METRIC_TAG, metric)
     client.set_model_version_tag(model_name, version, SCORE_TAG, repr(float(score)))
+    if evaluation is not None:
+        client.set_model_version_tag(model_name, version, EVALUATION_TAG, evaluation)
     client.set_registered_model_alias(model_name, challenger_alias, version)
 
     champ = _alias_version(client, model_name, champion_alias)
@@ -130,7 +138,7 @@ def gate(client: MlflowClient, model_name: str, version: str, score: float, metr
     if champ is None:
         promoted, reason = True, f"no {champion_alias} yet: version {version} is the first"
     else:
-        champ_score, why = _recorded_score(champ, metric)
+        champ_score, why = _recorded_score(champ, metric, evaluation)
         if champ_score is None:
             promoted, reason = True, f"{champion_alias} v{champ_version} has no comparable score ({why})"
         else:
@@ -148,12 +156,13 @@ def gate(client: MlflowClient, model_name: str, version: str, score: float, metr
                     challenger_score=float(score), previous_champion_version=champ_version,
                     champion_score=champ_score, champion_version=version if promoted else str(champ_version),
                     promoted=promoted, reason=reason, challenger_alias=challenger_alias,
-                    champion_alias=champion_alias)
+                    champion_alias=champion_alias, evaluation=evaluation)
 
 
 def register_student(tracking_uri: str, run_id: str, checkpoint: Path, metrics_path: Path, model_name: str,
                      metric: str, higher_is_better: bool = True, challenger_alias: str = "challenger",
-                     champion_alias: str = "champion", metadata: dict | None = None) -> Decision:
+                     champion_alias: str = "champion", metadata: dict | None = None,
+                     evaluation: str | None = None) -> Decision:
     """Log the student checkpoint as a new version of `model_name` (from run `run_id`) and gate it.
 
     The score is read first: a bad metric path fails before any version is created.
@@ -165,4 +174,4 @@ def register_student(tracking_uri: str, run_id: str, checkpoint: Path, metrics_p
                        {**(metadata or {}), "gate_metric": metric, "gate_score": score})
     client = MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
     return gate(client, model_name, str(info.registered_model_version), score, metric, higher_is_better,
-                challenger_alias, champion_alias)
+                challenger_alias, champion_alias, evaluation)

@@ -88,7 +88,7 @@ def _fit_predict(train: list[np.ndarray], y: np.ndarray, test: list[np.ndarray],
 
 
 def mil(bags: list[np.ndarray], labels: np.ndarray, n_classes: int, seed: int, folds: int = 5, hidden: int = 128,
-        attn: int = 64, epochs: int = 30, batch: int = 32, lr: float = 1e-3) -> dict:
+        attn: int = 64, epochs: int = 20, batch: int = 32, lr: float = 1e-3) -> dict:
     """Stratified K-fold: a fresh model per outer fold, its out-of-fold class probabilities pooled and scored
     once (AUC, balanced accuracy) with stratified-bootstrap CIs. Bags of any size (padded and masked)."""
     labels = np.asarray(labels, dtype=np.int64)
