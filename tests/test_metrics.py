@@ -48,6 +48,7 @@ def test_mean_row_uses_every_metric_and_says_how_many_sets_it_covers():
     assert not any(k.startswith("n_test") or "_ci_" in k for k in mean)
 
 
+@pytest.mark.filterwarnings("ignore::sklearn.exceptions.UndefinedMetricWarning")  # one-class resamples: left out
 def test_generic_bootstrap_and_fold_spread():
     from sklearn.metrics import roc_auc_score
 

@@ -11,10 +11,10 @@ BOOTSTRAP_SEED = 42  # the reference's; fixed, so every CI repeats exactly
 
 @contextmanager
 def one_torch_thread():
-    """Train a small head on one intra-op thread: its ops are too small to share, and on 2 cores a second thread
-    halves the speed (measured on MIL: 2.5 s -> 1.1 s). A fixed thread count also fixes the float reduction
-    order, so the result does not depend on the machine's thread setting. Process-wide: evaluation units run
-    one after another."""
+    """Train a small head on one intra-op thread: its ops are too small to share (MIL in a worker thread, as
+    Prefect runs units: 0.81-0.85 of the 2-thread time, bench/small_heads_threads.py). A fixed thread count
+    also fixes the float reduction order, so the result does not depend on `threads`. Process-wide: the
+    evaluation's units run one after another."""
     before = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
