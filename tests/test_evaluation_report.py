@@ -59,6 +59,8 @@ def test_win_tie_loss_per_task_and_mean_ranks_by_hand():
 def test_means_cover_the_union_of_metrics_and_reports_write_everything(tmp_path):
     means = metrics_json(RESULTS)["student"]["mean"]
     assert means["zeroshot_acc1"] == pytest.approx(0.75) and means["zeroshot_acc1_n_sets"] == 2
+    counts = metrics_json({"m": {"a": {"probe_acc1": 0.5, "probe_c": 100.0, "n_test": 9.0}}})["m"]["mean"]
+    assert counts == {"probe_acc1": 0.5, "probe_acc1_n_sets": 1}  # settings and sizes are not averaged
     assert means["mil_auc"] == pytest.approx(0.9) and means["mil_auc_n_sets"] == 1
     results_dir = tmp_path / "results"
     for model, per in RESULTS.items():
@@ -66,8 +68,9 @@ def test_means_cover_the_union_of_metrics_and_reports_write_everything(tmp_path)
             (results_dir / model).mkdir(parents=True, exist_ok=True)
             (results_dir / model / f"{d}.json").write_text(json.dumps({"metrics": m}))
     (results_dir / "t2" / "b.json").write_text(json.dumps({"error": "ValueError: broken image"}))
-    out = write_reports(PLAN, results_dir, tmp_path / "metrics.json", tmp_path / "leaderboard.md",
-                        tmp_path / "plots", tmp_path / "status.json", {"pcam": "missing: data/eval/pcam"})
+    plan = {**PLAN, "missing": {"pcam": "missing: data/eval/pcam"}}
+    out = write_reports(plan, results_dir, tmp_path / "metrics.json", tmp_path / "leaderboard.md",
+                        tmp_path / "plots", tmp_path / "evaluation.json")
     assert out["status"]["failed"] == {"t2/b": "ValueError: broken image"}
     metrics = json.loads((tmp_path / "metrics.json").read_text())
     assert "b" not in metrics["t2"] and metrics["t1"]["a"]["in_domain"] == 1.0 and metrics["t2"]["a"]["in_domain"] == 0.0

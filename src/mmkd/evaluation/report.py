@@ -21,7 +21,9 @@ HEADLINES: dict[str, tuple[tuple[str, ...], ...]] = {
     "survival": (("cindex_harrell",),),
     "mil": (("mil_auc",),),
 }
-PER_SET_ONLY = ("n_test", "in_domain")
+# facts about one set's evaluation (sizes, counts, the chosen regularisation), not scores: never averaged
+PER_SET_ONLY = ("n_test", "in_domain", "probe_c", "cindex_alpha", "cindex_harrell_folds", "cindex_uno_folds",
+                "mil_n_bags", "vqa_n_answers", "vqa_n_test", "retrieval_n_unique_captions")
 
 
 def _metric(per: dict, dataset: str, alts: tuple[str, ...]) -> str | None:
@@ -275,9 +277,9 @@ def load_results(results_dir: Path, plan: dict) -> tuple[dict, dict]:
 
 
 def write_reports(plan: dict, results_dir: Path, metrics_path: Path, leaderboard_path: Path, plots_dir: Path,
-                  status_path: Path, missing: dict[str, str]) -> dict:
+                  status_path: Path) -> dict:
     results, failed = load_results(results_dir, plan)
-    status = {"evaluation_id": evaluation_id(plan, results), "missing": missing, "failed": failed}
+    status = {"evaluation_id": evaluation_id(plan, results), "missing": plan["missing"], "failed": failed}
     metrics = metrics_json(results)
     metrics_path.parent.mkdir(parents=True, exist_ok=True)
     metrics_path.write_text(json.dumps(metrics, indent=1, sort_keys=True))

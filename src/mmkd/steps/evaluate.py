@@ -188,7 +188,7 @@ def step_evaluate(ctx: Context, run: StepRun) -> dict:
     finally:
         _SESSION = None
     out = write_reports(plan, ws.evaluation / "results", ws.metrics, ws.leaderboard, ws.plots,
-                        ws.evaluation_report, plan["missing"])
+                        ws.evaluation_report)
     seconds = time.perf_counter() - t0
     for model_name, per in out["metrics"].items():
         run.log_metrics({f"{model_name}.{d}.{k}": v for d, m in per.items() for k, v in m.items()})
