@@ -32,6 +32,8 @@ def test_a_broken_dataset_fails_its_units_and_a_missing_one_is_reported_the_othe
     root = _workspace(smoke_run["root"], tmp_path, ["embedded-pathology", "embedded-mil-ct", "pcam"])
     broken = sorted((root / "data/eval/embedded/mil-ct/patches").glob("*/*.png"))[0]
     broken.write_bytes(b"not a png")
+    with open(root / "data/eval/embedded/pathology/manifest.csv", "a") as f:  # a record of an unknown class
+        f.write("images/pathology-test-00000.png,tumour,test,H&E histology: a tumour.\n")
     result = evaluate(str(root), str(root / "params.yaml"), "smoke", None)
 
     summary = result["summary"]
@@ -43,6 +45,11 @@ def test_a_broken_dataset_fails_its_units_and_a_missing_one_is_reported_the_othe
     assert all(set(per) == {"embedded-pathology", "mean"} for per in metrics.values())
     board = (root / "reports/leaderboard.md").read_text()
     assert "## Not evaluated" in board and "pcam: missing" in board and "student/embedded-mil-ct: failed" in board
+    # the refused record is kept with its reason, the rest of its dataset evaluated
+    assert json.loads((root / "reports/evaluation.json").read_text())["rejected_records"] == {"embedded-pathology": 1}
+    refused = json.loads((root / "artifacts/evaluation/rejected/embedded-pathology.jsonl").read_text())
+    assert "tumour" in refused["reason"] and "manifest.csv" in refused["record"]
+    assert "embedded-pathology: 1 records refused" in board
     with get_client(sync_client=True) as client:  # each unit was its own task run; the broken ones were retried
         runs = [r for r in client.read_task_runs() if r.name.startswith("evaluate ")]
     failed = [r for r in runs if r.state.is_failed()]

@@ -154,10 +154,12 @@ def leaderboard(plan: dict, results: dict, status: dict) -> str:
             lines.append(f"| {r['dataset']} | {r['metric']} | " + " | ".join(cells) + " |")
     lines += ["", f"Evaluation id `{status.get('evaluation_id')}` (datasets, sizes and task settings; the promotion "
               "gate compares scores of one id only)."]
-    if status.get("missing") or status.get("failed"):
+    if status.get("missing") or status.get("failed") or status.get("rejected_records"):
         lines += ["", "## Not evaluated", ""]
         lines += [f"- {d}: missing ({why})" for d, why in sorted(status.get("missing", {}).items())]
         lines += [f"- {p}: failed ({why})" for p, why in sorted(status.get("failed", {}).items())]
+        lines += [f"- {d}: {n} records refused by the loader (reasons: artifacts/evaluation/rejected/{d}.jsonl)"
+                  for d, n in sorted(status.get("rejected_records", {}).items())]
     return "\n".join(lines) + "\n"
 
 
@@ -277,9 +279,13 @@ def load_results(results_dir: Path, plan: dict) -> tuple[dict, dict]:
 
 
 def write_reports(plan: dict, results_dir: Path, metrics_path: Path, leaderboard_path: Path, plots_dir: Path,
-                  status_path: Path) -> dict:
+                  status_path: Path, rejected_dir: Path | None = None) -> dict:
+    """rejected_dir: <dataset>.jsonl of the records each loader refused, with reasons (counted in the status)."""
     results, failed = load_results(results_dir, plan)
-    status = {"evaluation_id": evaluation_id(plan, results), "missing": plan["missing"], "failed": failed}
+    rejected = {p.stem: sum(1 for _ in open(p)) for p in sorted(Path(rejected_dir).glob("*.jsonl"))} \
+        if rejected_dir else {}
+    status = {"evaluation_id": evaluation_id(plan, results), "missing": plan["missing"], "failed": failed,
+              "rejected_records": rejected}
     metrics = metrics_json(results)
     metrics_path.parent.mkdir(parents=True, exist_ok=True)
     metrics_path.write_text(json.dumps(metrics, indent=1, sort_keys=True))

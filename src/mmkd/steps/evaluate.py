@@ -18,8 +18,10 @@ _SESSION: dict | None = None
 
 
 def select_entries(ctx: Context) -> tuple[list, dict[str, str]]:
-    """(present catalog entries to evaluate, missing name -> where it was looked for and how to get it).
-    `embedded` selects the synthetic suite, `present` every catalog entry found on disk; unknown names fail."""
+    """(catalog entries to evaluate, missing name -> where it was looked for and how to get it).
+    `embedded` selects the synthetic suite, `present` every catalog entry found on disk; unknown names fail.
+    An incomplete dataset (some files missing) is evaluated: its loader refuses the bad records with reasons, or
+    its units fail with the error; only what is absent is skipped."""
     from mmkd.evaluation.catalog import load_catalog, resolve, status, suite_entries
 
     p = ctx.params
@@ -40,10 +42,11 @@ def select_entries(ctx: Context) -> tuple[list, dict[str, str]]:
     for e in chosen.values():
         folder = resolve(e, ctx.ws.eval_data, ctx.ws.embedded_suite)
         state, detail = status(e, folder)
-        if state == "present":
-            present.append(e)
-        else:
+        if state == "missing":
             missing[e.name] = f"{state}: {detail}"
+        else:
+            present.append(e)
+        if state != "present":
             log.warning("evaluate: dataset %s is %s: %s", e.name, state, detail)
     return present, missing
 
@@ -66,6 +69,7 @@ def plan_evaluation(ctx: Context) -> dict:
     plan = {"models": models, "datasets": datasets, "missing": missing, "settings": settings}
     out = ctx.ws.evaluation
     shutil.rmtree(out / "results", ignore_errors=True)  # a unit's result is this run's, or absent
+    shutil.rmtree(out / "rejected", ignore_errors=True)
     out.mkdir(parents=True, exist_ok=True)
     (out / "plan.json").write_text(json.dumps(plan, indent=1))
     return plan
@@ -113,8 +117,12 @@ def _load(ctx: Context, entry):
     from mmkd.evaluation.catalog import load_dataset, resolve
 
     ds = load_dataset(entry, resolve(entry, ctx.ws.eval_data, ctx.ws.embedded_suite))
-    if ds.rejected:
-        log.warning("evaluate: %s: %d records refused, e.g. %s: %s", entry.name, len(ds.rejected), *ds.rejected[0])
+    if ds.rejected:  # kept with their reasons (reports/evaluation.json counts them), never dropped silently
+        path = ctx.ws.evaluation / "rejected" / f"{entry.name}.jsonl"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text("".join(json.dumps({"record": r, "reason": why}) + "\n" for r, why in ds.rejected))
+        log.warning("evaluate: %s: %d records refused (%s), e.g. %s: %s", entry.name, len(ds.rejected), path,
+                    *ds.rejected[0])
     return ds
 
 
@@ -188,7 +196,7 @@ def step_evaluate(ctx: Context, run: StepRun) -> dict:
     finally:
         _SESSION = None
     out = write_reports(plan, ws.evaluation / "results", ws.metrics, ws.leaderboard, ws.plots,
-                        ws.evaluation_report)
+                        ws.evaluation_report, ws.evaluation / "rejected")
     seconds = time.perf_counter() - t0
     for model_name, per in out["metrics"].items():
         run.log_metrics({f"{model_name}.{d}.{k}": v for d, m in per.items() for k, v in m.items()})
