@@ -18,6 +18,9 @@ class ConfigError(ValueError):
     """params.yaml is malformed; the message names the bad key."""
 
 
+EMBEDDED_SUITE_DIR = Path("eval") / "embedded"  # the synthetic evaluation suite, under paths.data
+
+
 class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -595,7 +598,7 @@ class Workspace:
     @property
     def embedded_suite(self) -> Path:
         """The synthetic evaluation suite written by synth."""
-        return self.data / "eval" / "embedded"
+        return self.data / EMBEDDED_SUITE_DIR
 
     @property
     def registration(self) -> Path:

@@ -11,13 +11,13 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from mmkd.config import MODALITIES, SynthCfg
+from mmkd.config import EMBEDDED_SUITE_DIR, MODALITIES, SynthCfg
 from mmkd.data import eval_items as items
 from mmkd.data.render import RENDERERS, finish
 from mmkd.data.synth import EVAL_NAMESPACE, SPECS
 from mmkd.progress import progress
 
-SUITE_DIR = Path("eval") / "embedded"  # under paths.data
+SUITE_DIR = EMBEDDED_SUITE_DIR  # under paths.data (one definition: config.Workspace.embedded_suite)
 # Every suite rng is keyed [seed, modality, EVAL_NAMESPACE, set id, ...]: the namespace index follows the
 # corpus's train/probe/test/teacher ones, so no suite image can coincide with a training or teacher image.
 # Keys of length 4 plan a set (attributes, questions, times); longer ones render one image.
