@@ -7,7 +7,7 @@ STAMP  := $(VENV)/.installed-$(shell cat pyproject.toml | cksum | cut -d' ' -f1)
 PIP    := $(BIN)/pip install --disable-pip-version-check -q
 QUIET  := 2>&1 | grep -v "^WARNING: Location" || true
 
-.PHONY: install run test smoke dvc-repro mlflow-ui clean
+.PHONY: install run test smoke dvc-repro mlflow-ui mlflow-team prefect-server deploy worker clean
 
 $(STAMP):
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -38,6 +38,20 @@ dvc-repro: install
 
 mlflow-ui: install
 	PATH=$(CURDIR)/$(BIN):$$PATH bash mlflow_server/start.sh
+
+# A local team stack (PostgreSQL + SeaweedFS S3 + MLflow; mlflow_server/README.md); AUTH=1 adds basic-auth
+mlflow-team: install
+	PATH=$(CURDIR)/$(BIN):$$PATH $(BIN)/mmkd mlflow-server --team $(if $(AUTH),--auth)
+
+# Scheduled and data-triggered retraining: a Prefect server (127.0.0.1:4200), the deployments, a worker.
+prefect-server: install
+	PREFECT_HOME=$${PREFECT_HOME:-$(CURDIR)/.prefect} $(BIN)/prefect server start --host 127.0.0.1 --port 4200
+
+deploy: install
+	PATH=$(CURDIR)/$(BIN):$$PATH $(BIN)/mmkd deploy --apply
+
+worker: install
+	PATH=$(CURDIR)/$(BIN):$$PATH PREFECT_HOME=$${PREFECT_HOME:-$(CURDIR)/.prefect} $(BIN)/mmkd worker
 
 clean:
 	rm -rf artifacts reports/data_docs .prefect

@@ -8,6 +8,7 @@ from prefect import flow, get_run_logger
 
 from mmkd.steps import Context, finish_pipeline, start_pipeline
 from mmkd.steps.synth import suite_missing
+from tasks import retry_options
 from tasks.align import align
 from tasks.cache_features import cache_features
 from tasks.curate import curate
@@ -22,24 +23,33 @@ from tasks.validate import validate
 PIPELINE_TASKS = (curate, validate, teachers, cache_features, align, pretrain, distill, evaluate, register)
 
 
+def with_retries(task, schedule):
+    """A step task with params.yaml's retry policy; cache_features and evaluate retry inside, per work unit."""
+    return task.with_options(**retry_options(schedule)) if hasattr(task, "with_options") else task
+
+
 @flow(name="retrain", log_prints=True)
 def retrain(profile: str | None = None, root: str = ".", params_path: str | None = None,
-            synthesize_if_missing: bool = True) -> dict:
-    """Run every step in order; steps exchange files under `root`, and only paths and run ids cross tasks."""
+            synthesize_if_missing: bool = True, trigger: str = "manual", note: str = "") -> dict:
+    """Run every step in order; steps exchange files under `root`, and only paths and run ids cross tasks.
+
+    `trigger` (schedule, inbox, manual, ...) and `note` (e.g. the inbox drops) are recorded on the parent run.
+    """
     logger = get_run_logger()
     ctx = Context.load(root, params_path, profile)
     args = (str(ctx.ws.root), str(ctx.params_path), ctx.params.profile)
     t0 = time.perf_counter()
-    parent = start_pipeline(ctx, entry="prefect")
-    logger.info("MLflow parent run %s (profile %s)", parent, ctx.params.profile)
+    tags = {"mmkd.trigger": trigger, **({"mmkd.note": note} if note else {})}
+    parent = start_pipeline(ctx, entry="prefect", tags=tags)
+    logger.info("MLflow parent run %s (profile %s, trigger %s)", parent, ctx.params.profile, trigger)
     results: dict = {}
     try:
         if not ctx.ws.raw_manifest.exists() or suite_missing(ctx):
             if not synthesize_if_missing:
                 raise FileNotFoundError(f"{ctx.ws.raw_manifest} missing and synthesize_if_missing is off")
-            results["synth"] = synth(*args, parent)
+            results["synth"] = with_retries(synth, ctx.params.schedule)(*args, parent)
         for task in PIPELINE_TASKS:
-            results[task.name] = task(*args, parent)
+            results[task.name] = with_retries(task, ctx.params.schedule)(*args, parent)
     except BaseException:
         finish_pipeline(ctx, parent, ok=False)
         raise
@@ -52,4 +62,5 @@ def retrain(profile: str | None = None, root: str = ".", params_path: str | None
     # registration: model_uri (the new version), champion_uri, and the gate's promoted, reason, challenger_score,
     # champion_score (mmkd.tracking.gate)
     return {"parent_run_id": parent, "seconds": seconds, "registration": reg,
-            "steps": {k: v["seconds"] for k, v in results.items()}}
+            "steps": {k: v["seconds"] for k, v in results.items()},
+            "summaries": {k: v.get("summary") for k, v in results.items()}}

@@ -2,4 +2,4 @@
 
 from tasks import step_task
 
-align = step_task("align", retries=0)
+align = step_task("align")

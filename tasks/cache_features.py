@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 from prefect import flow, task, unmapped
+from prefect.cache_policies import NO_CACHE
 from prefect.task_runners import ThreadPoolTaskRunner
 
 from mmkd.steps import Context, run_step
 from mmkd.steps.cache_features import cache_unit as run_cache_unit
 
 
-@task(name="cache_unit", retries=2, retry_delay_seconds=5)
+@task(name="cache_unit", retries=2, retry_delay_seconds=5, cache_policy=NO_CACHE)  # the store is the cache
 def cache_unit(root: str, params_path: str, profile: str, plan_path: str) -> dict:
     """One work unit: its shards are written atomically, so a retry or a re-run never sees half of one."""
     return run_cache_unit(root, params_path, profile, plan_path)

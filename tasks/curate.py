@@ -2,4 +2,4 @@
 
 from tasks import step_task
 
-curate = step_task("curate", retries=0)
+curate = step_task("curate")

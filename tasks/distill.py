@@ -2,4 +2,4 @@
 
 from tasks import step_task
 
-distill = step_task("distill", retries=0)
+distill = step_task("distill")

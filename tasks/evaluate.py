@@ -3,19 +3,20 @@
 from __future__ import annotations
 
 from prefect import flow, task, unmapped
+from prefect.cache_policies import NO_CACHE
 from prefect.task_runners import ThreadPoolTaskRunner
 
 from mmkd.steps import Context, run_step
 from mmkd.steps.evaluate import record_failure, run_unit
 
 
-@task(name="evaluate_unit", retries=1, retry_delay_seconds=2,
+@task(name="evaluate_unit", retries=1, retry_delay_seconds=2, cache_policy=NO_CACHE,  # embeddings are cached by content
       task_run_name="evaluate {model} on {dataset}")
 def evaluate_unit(root: str, params_path: str, profile: str, model: str, dataset: str) -> dict:
     return run_unit(Context.load(root, params_path, profile), model, dataset)
 
 
-@flow(name="evaluate")
+@flow(name="evaluate-units")
 def evaluate_flow(root: str, params_path: str, profile: str, parent_run_id: str | None) -> dict:
     """The evaluate step, its units mapped as tasks; the step plans them and writes the reports."""
     ctx = Context.load(root, params_path, profile, parent_run_id)

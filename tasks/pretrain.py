@@ -2,4 +2,4 @@
 
 from tasks import step_task
 
-pretrain = step_task("pretrain", retries=0)
+pretrain = step_task("pretrain")

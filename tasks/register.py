@@ -2,4 +2,4 @@
 
 from tasks import step_task
 
-register = step_task("register", retries=2)
+register = step_task("register")

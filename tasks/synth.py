@@ -2,4 +2,4 @@
 
 from tasks import step_task
 
-synth = step_task("synth", retries=0)
+synth = step_task("synth")

@@ -2,4 +2,4 @@
 
 from tasks import step_task
 
-teachers = step_task("teachers", retries=0)
+teachers = step_task("teachers")

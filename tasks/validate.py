@@ -2,4 +2,4 @@
 
 from tasks import step_task
 
-validate = step_task("validate", retries=0)
+validate = step_task("validate")

@@ -6,6 +6,7 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
+from typing import Iterator
 
 import pytest
 
@@ -18,9 +19,11 @@ os.environ.pop("MMKD_PARENT_RUN_ID", None)
 REPO = Path(__file__).resolve().parents[1]
 
 
-def write_params(root: Path, profile: str = "smoke") -> Path:
-    """A copy of the repo's params.yaml in root, pinned to a profile."""
+def write_params(root: Path, profile: str = "smoke", tracking_uri: str | None = None) -> Path:
+    """A copy of the repo's params.yaml in root, pinned to a profile (and to a tracking server, if given)."""
     text = (REPO / "params.yaml").read_text().replace("profile: default", f"profile: {profile}", 1)
+    if tracking_uri:
+        text = text.replace("  tracking_uri: null", f"  tracking_uri: {tracking_uri}", 1)
     path = root / "params.yaml"
     path.write_text(text)
     return path
@@ -48,14 +51,26 @@ def smoke_corpus(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
-def smoke_run(tmp_path_factory, prefect_harness) -> dict:
-    """The whole smoke flow, run once through Prefect, in a fresh workspace with its own MLflow database."""
+def tracking_server(tmp_path_factory) -> Iterator[dict]:
+    """The team MLflow stack for the session, on 127.0.0.1: PostgreSQL backend, SeaweedFS S3 artifacts.
+
+    {"uri", "env" (what a client needs), "log", "postgres_uri", "s3": {"endpoint", "bucket", "access_key",
+    "secret_key"}}; clients reach artifacts through the server, only the server (and DVC) hold the S3 keys."""
+    from tests.servers import team_server
+
+    with team_server(tmp_path_factory.mktemp("tracking-server")) as server:
+        yield server
+
+
+@pytest.fixture(scope="session")
+def smoke_run(tmp_path_factory, prefect_harness, tracking_server) -> dict:
+    """The whole smoke flow, run once through Prefect, in a fresh workspace, logged to the session's tracking server."""
     from flows.retrain import retrain
 
     root = tmp_path_factory.mktemp("smoke")
-    params = write_params(root)
+    params = write_params(root, tracking_uri=tracking_server["uri"])
     result = retrain(profile="smoke", root=str(root), params_path=str(params))
-    return {"root": root, "result": result}
+    return {"root": root, "result": result, "tracking_uri": tracking_server["uri"]}
 
 
 @pytest.fixture()

@@ -173,21 +173,14 @@ def test_a_teacher_corpus_not_larger_than_the_students_share_is_refused(tmp_path
     assert load_params(path).teachers.corpus.source == "curated"
 
 
-def test_teachers_step_trains_each_on_its_own_corpus(smoke_corpus, tmp_path):
-    """The step (smoke sizes, one epoch): teachers.json records each corpus, and repeats byte for byte."""
-    import shutil
+def test_teachers_step_trains_each_on_its_own_corpus(smoke_run):
+    """The step as the smoke flow ran it: teachers.json records each corpus. That a second run gives the same bytes
+    (and so the same teacher versions, keeping the feature store valid) is checked where the inbox flow retrains
+    (tests/test_inbox.py), so the teachers are not trained once more here."""
+    from mmkd.steps import Context
 
-    from mmkd.steps import Context, run_step
-
-    root = tmp_path / "ws"
-    shutil.copytree(smoke_corpus, root, ignore=shutil.ignore_patterns("mlruns", "mlflow*"))
-    text = (root / "params.yaml").read_text().replace("teachers: {corpus: {per_modality: 32",
-                                                      "teachers: {corpus: {workers: 1, per_modality: 32", 1)
-    (root / "params.yaml").write_text(text.replace("train: {epochs: 2, batch_size: 32, warmup_steps: 2}}",
-                                                   "train: {epochs: 1, batch_size: 32, warmup_steps: 2}}", 1))
-    ctx = Context.load(root)
-    p = ctx.params
-    run_step("teachers", ctx)
+    root = smoke_run["root"]
+    p = Context.load(root).params
     first = (root / "artifacts" / "teachers" / "teachers.json").read_bytes()
     out = json.loads(first)
     assert set(out) == {t.name for t in p.teachers.registry}
@@ -200,8 +193,6 @@ def test_teachers_step_trains_each_on_its_own_corpus(smoke_corpus, tmp_path):
         meta = json.loads((root / "artifacts" / "teachers" / t.name / "model.json").read_text())
         assert meta["train_pairs"] == c["pairs"] and meta["corpus"] == c
     assert "seconds" not in first.decode()
-    run_step("teachers", ctx)
-    assert (root / "artifacts" / "teachers" / "teachers.json").read_bytes() == first
 
 
 def test_curated_source_trains_on_the_students_train_split(smoke_corpus, tmp_path):

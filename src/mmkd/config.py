@@ -117,6 +117,7 @@ class SourceCfg(Strict):
     axis: int = Field(2, ge=0, le=2, description="nifti: slicing axis in canonical (RAS) orientation; 2 = axial")
     slices: Literal["middle"] | int | list[int] = Field("middle", description="nifti: middle, N evenly spaced, or indices")
     window_percentiles: tuple[float, float] = (0.5, 99.5)
+    optional: bool = Field(False, description="a missing path gives no records instead of an error (the inbox)")
 
     @field_validator("columns")
     @classmethod
@@ -424,10 +425,28 @@ class TrackingCfg(Strict):
 
 
 class ScheduleCfg(Strict):
-    deployment: str = "weekly-retrain"
+    """The Prefect deployments (prefect.yaml, rendered by `mmkd deploy`) and how their tasks retry."""
+
+    deployment: str = "weekly-retrain"          # the retrain flow, on `cron`
     cron: str = "0 3 * * 1"
     timezone: str = "UTC"
     work_pool: str = "mmkd-pool"
+    evaluate_deployment: str = "evaluate"       # the evaluate flow, run on demand (no schedule)
+    inbox_deployment: str = "inbox-watch"       # the inbox flow, on `inbox_cron`: retrains only when data arrived
+    inbox_cron: str = "*/15 * * * *"
+    # a step task that fails with a transient error (network, server unavailable, database locked) is retried
+    # `retries` times after exponential backoff: retry_backoff_seconds * 2**k, +-retry_jitter of it
+    retries: int = Field(2, ge=0)
+    retry_backoff_seconds: float = Field(10.0, ge=0)
+    retry_jitter: float = Field(0.5, ge=0)
+
+
+class InboxCfg(Strict):
+    """Data arrival: drops (a folder with manifest.jsonl or manifest.csv and its images) put in `dir`."""
+
+    dir: str = Field("inbox", description="where drops arrive, relative to the workspace root")
+    source: str = Field("inbox", description="the curate source (kind manifest, optional) the drops are added to")
+    processed: str = Field("processed", description="ingested drops move here, under `dir`")
 
 
 class Params(Strict):
@@ -448,9 +467,19 @@ class Params(Strict):
     register_: RegisterCfg = Field(RegisterCfg(), alias="register")
     tracking: TrackingCfg = TrackingCfg()
     schedule: ScheduleCfg = ScheduleCfg()
+    inbox: InboxCfg = InboxCfg()
     profiles: dict[str, dict[str, Any]] = Field(default_factory=dict)
 
     model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+
+    @model_validator(mode="after")
+    def _inbox_source(self) -> "Params":
+        """Drops are appended to a manifest source, which exists before the first drop only if optional."""
+        src = next((s for s in self.curate.sources if s.name == self.inbox.source), None)
+        if src is not None and (src.kind != "manifest" or not src.optional or Path(src.path).suffix != ".jsonl"):
+            raise ValueError(f"inbox.source: curate source '{src.name}' must be kind manifest, optional: true, "
+                             f"with a .jsonl path (drops are appended to it)")
+        return self
 
     @model_validator(mode="after")
     def _teacher_corpora(self) -> "Params":

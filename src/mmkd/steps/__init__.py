@@ -52,9 +52,10 @@ def run_step(name: str, ctx: Context) -> dict:
     return {"step": name, "seconds": round(seconds, 2), "run_id": run.run_id, "summary": summary}
 
 
-def start_pipeline(ctx: Context, entry: str) -> str:
+def start_pipeline(ctx: Context, entry: str, tags: dict | None = None, name: str = "retrain") -> str:
+    """The parent run of one pipeline run; `tags` say why it ran (mmkd.trigger: schedule, inbox, manual, ...)."""
     tracker = ctx.tracker()
-    run = tracker.start(f"retrain-{ctx.params.profile}", {**ctx.tags("pipeline"), "mmkd.entry": entry})
+    run = tracker.start(f"{name}-{ctx.params.profile}", {**ctx.tags("pipeline"), "mmkd.entry": entry, **(tags or {})})
     run.log_params({"profile": ctx.params.profile, "seed": ctx.params.seed, "params_file": str(ctx.params_path)})
     return run.run_id
 

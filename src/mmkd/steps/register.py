@@ -8,7 +8,8 @@ from mmkd.steps.common import Context, StepRun
 
 
 def step_register(ctx: Context, run: StepRun) -> dict:
-    from mmkd.tracking.gate import register_student
+    from mmkd.tracking.gate import DATA_TAG, register_student
+    from mmkd.tracking.mlflow_runs import data_hash
 
     p, ws = ctx.params, ctx.ws
     cfg = p.register_
@@ -23,12 +24,15 @@ def step_register(ctx: Context, run: StepRun) -> dict:
         cfg.challenger_alias, cfg.champion_alias,
         metadata={"profile": p.profile, "mean_metrics": metrics.get("student", {}).get("mean")},
         evaluation=evaluation)
-    d = decision.as_dict()
+    # the data the version was trained on (data.dvc's hash): the dashboard's history of champions shows it
+    data_version = data_hash(ws.root, ws.raw_manifest)
+    tracker.client.set_model_version_tag(cfg.model_name, decision.version, DATA_TAG, data_version)
+    d = {**decision.as_dict(), "data_version": data_version}
     run.log_metrics({"gate": {"challenger_score": decision.challenger_score, "champion_score": decision.champion_score,
                               "promoted": float(decision.promoted)}})
     run.set_tags({"mmkd.gate.decision": "promoted" if decision.promoted else "held", "mmkd.gate.reason": decision.reason,
                   "mmkd.gate.metric": decision.metric, "mmkd.model_version": decision.version,
-                  "mmkd.champion_version": decision.champion_version})
+                  "mmkd.champion_version": decision.champion_version, "mmkd.data_version": data_version})
     out = {**d, "run_id": run.run_id, "tracking_uri": tracker.uri,
            "model_uri": f"models:/{cfg.model_name}/{decision.version}",
            "champion_uri": f"models:/{cfg.model_name}@{cfg.champion_alias}"}

@@ -33,6 +33,7 @@ SCORE_TAG = "mmkd.gate_score"
 DECISION_TAG = "mmkd.gate_decision"  # promoted | held
 REASON_TAG = "mmkd.gate_reason"
 EVALUATION_TAG = "mmkd.gate_evaluation"  # what the score was measured on (reports/evaluation.json's id)
+DATA_TAG = "mmkd.data_version"  # the data it was trained on: data.dvc's hash (set by the register step)
 
 
 class GateError(ValueError):

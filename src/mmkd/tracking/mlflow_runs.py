@@ -45,15 +45,20 @@ def git_commit(root: Path) -> str:
 
 
 def data_hash(root: Path, manifest: Path) -> str:
-    """The DVC hash of data/ when data.dvc exists, else the manifest's own sha256."""
+    """The data version: the DVC hash of data/ when data.dvc exists, else a sha256 of the raw manifests."""
     dvc_file = Path(root) / "data.dvc"
     if dvc_file.exists():
         outs = (yaml.safe_load(dvc_file.read_text()) or {}).get("outs") or [{}]
         if outs[0].get("md5"):
             return str(outs[0]["md5"])
-    if manifest.exists():
-        return hashlib.sha256(manifest.read_bytes()).hexdigest()[:32]
-    return "none"
+    # without DVC: the manifests' own bytes (the corpus's and each manifest source's right under data/, the inbox's)
+    files = [f for f in (manifest, *sorted(Path(manifest).parent.glob("*/manifest.jsonl"))) if f.exists()]
+    if not files:
+        return "none"
+    h = hashlib.sha256()
+    for f in files:
+        h.update(f.read_bytes())
+    return h.hexdigest()[:32]
 
 
 def flatten(d: dict, prefix: str = "") -> dict[str, Any]:
@@ -154,7 +159,7 @@ class Tracker:
             self.experiment_id = exp.experiment_id
 
     def start(self, name: str, tags: dict, parent_run_id: str | None = None) -> StepRun:
-        all_tags = dict(tags)
+        all_tags = {k: str(v) for k, v in tags.items()}  # a REST store (tracking server) takes string tags only
         if parent_run_id:
             all_tags["mlflow.parentRunId"] = parent_run_id
         run = self.client.create_run(self.experiment_id, run_name=name, tags=all_tags)

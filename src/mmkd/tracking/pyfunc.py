@@ -22,7 +22,8 @@ from mlflow.types.schema import Array, ColSpec, Schema
 
 
 def encode_image_b64(path_or_array) -> str:
-    """A PNG file path or uint8 HxWx3 array as the base64 string the model's `image` column takes."""
+    """An image file's bytes (any format the model reads, DICOM and NIfTI included) or a uint8 HxWx3 array (as PNG)
+    as the base64 string the model's `image` column takes."""
     if isinstance(path_or_array, (str, Path)):
         return base64.b64encode(Path(path_or_array).read_bytes()).decode()
     buf = io.BytesIO()
@@ -31,7 +32,8 @@ def encode_image_b64(path_or_array) -> str:
 
 
 class StudentEmbedder(mlflow.pyfunc.PythonModel):
-    """Rows with `image` (base64 PNG/JPEG) and/or `text`; returns `image_embedding` and `text_embedding`."""
+    """Rows with `image` (base64 bytes of an image file: PNG/JPEG/TIFF/BMP/WebP incl. 16-bit, DICOM, NIfTI) and/or
+    `text`; returns `image_embedding` and `text_embedding`."""
 
     def load_context(self, context):
         import open_clip
@@ -43,10 +45,11 @@ class StudentEmbedder(mlflow.pyfunc.PythonModel):
         model, meta = load_checkpoint(Path(context.artifacts["checkpoint"]), device)
         self.encoder = ClipEncoder("student", model, open_clip.get_tokenizer(meta["model"]), device)
 
-    def _decode(self, b64: str) -> np.ndarray:
-        with Image.open(io.BytesIO(base64.b64decode(b64))) as im:
-            size = self.encoder.spec.size
-            return np.asarray(im.convert("RGB").resize((size, size), Image.BICUBIC), dtype=np.uint8)
+    def _decode(self, b64: str, row: int) -> np.ndarray:
+        """A row's image through curation's readers (PNG/JPEG/TIFF/BMP/WebP, 16-bit, DICOM, NIfTI) as 8-bit RGB."""
+        from mmkd.serving.inputs import decode_bytes
+
+        return decode_bytes(base64.b64decode(b64), name=f"row {row}")
 
     def predict(self, context, model_input: pd.DataFrame, params=None) -> pd.DataFrame:
         df = pd.DataFrame(model_input)
@@ -56,7 +59,8 @@ class StudentEmbedder(mlflow.pyfunc.PythonModel):
         if "image" in df:
             rows = [i for i, v in enumerate(df["image"]) if isinstance(v, str) and v]
             if rows:
-                emb = self.encoder.encode_images(np.stack([self._decode(df["image"].iloc[i]) for i in rows]))
+                # resized as the model was trained (its own spec: short side + centre crop), not stretched
+                emb = self.encoder.encode_pil([self._decode(df["image"].iloc[i], i) for i in rows])
                 for i, e in zip(rows, emb):
                     img_emb[i] = e.astype(float).tolist()
         if "text" in df:
@@ -71,7 +75,8 @@ class StudentEmbedder(mlflow.pyfunc.PythonModel):
 
 
 def example_input() -> pd.DataFrame:
-    return pd.DataFrame({"image": [encode_image_b64(np.zeros((8, 8, 3), np.uint8))], "text": ["a chest X-ray"]})
+    # 32 px: curation's readers refuse images under curate.min_side (16)
+    return pd.DataFrame({"image": [encode_image_b64(np.zeros((32, 32, 3), np.uint8))], "text": ["a chest X-ray"]})
 
 
 def signature() -> ModelSignature:
@@ -83,7 +88,9 @@ def signature() -> ModelSignature:
 
 
 MODEL_NAME = "student"  # the model's name in its run (runs:/<run_id>/student)
-PIP_REQUIREMENTS = ["torch", "open_clip_torch", "safetensors", "pillow", "pandas", "numpy"]
+# pydicom, nibabel: DICOM / NIfTI request payloads go through curation's readers (mmkd.serving.inputs)
+PIP_REQUIREMENTS = ["torch", "open_clip_torch", "safetensors", "pillow", "pandas", "numpy", "pydantic", "pyyaml",
+                    "pydicom", "nibabel"]
 
 
 def log_student(checkpoint: Path, run_id: str, tracking_uri: str, registered_model_name: str | None = None,

@@ -82,6 +82,8 @@ def iter_source(spec, data_root: Path) -> Iterator[RawRecord]:
     if spec.kind == "synthetic" and not (root / "manifest.jsonl").exists():
         raise FileNotFoundError(f"source '{spec.name}' (synthetic): {root / 'manifest.jsonl'} not found; "
                                 "generate the embedded corpus with `mmkd data synth`")
+    if not root.exists() and spec.optional:  # e.g. the inbox's manifest before the first drop
+        return
     if not root.exists() and not any(ch in spec.path for ch in "*?["):
         raise FileNotFoundError(f"source '{spec.name}' ({spec.kind}): {root} does not exist")
     for rec in reader(spec.kind).iter_records(spec, data_root):

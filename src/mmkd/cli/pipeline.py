@@ -1,0 +1,103 @@
+"""`mmkd stage`, `mmkd evaluate`, `mmkd run`: one step (DVC's entry point), the evaluation, the whole flow."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from mmkd.cli.common import (
+    ParamsOpt,
+    ProfileOpt,
+    RootOpt,
+    _context,
+    _setup_logging,
+    app,
+)
+
+
+@app.command("stage")
+def stage(name: str = typer.Argument(..., help="curate|validate|teachers|cache_features|align|pretrain|distill|evaluate|register"),
+          root: Path = RootOpt, params: Optional[Path] = ParamsOpt, profile: Optional[str] = ProfileOpt):
+    """Run one pipeline step (what each DVC stage calls)."""
+    _setup_logging()
+    from mmkd.steps import PIPELINE, run_step
+
+    if name not in PIPELINE:
+        typer.echo(f"unknown stage '{name}'; stages: {', '.join(PIPELINE)}", err=True)
+        raise typer.Exit(2)
+    ctx = _context(root, params, profile)
+    if name == "cache_features" and ctx.params.features.executor == "dask":
+        from tasks.cache_features import (
+            cache_features,  # units on a Dask cluster through Prefect's task runner
+        )
+
+        result = cache_features(str(ctx.ws.root), str(ctx.params_path), ctx.params.profile, ctx.parent_run_id)
+    else:
+        result = run_step(name, ctx)
+    typer.echo(json.dumps({"step": name, "seconds": result["seconds"], "run_id": result["run_id"]}))
+
+
+@app.command("evaluate")
+def evaluate(datasets: Optional[str] = typer.Option(
+                 None, "--datasets", help="comma-separated catalog names, `embedded` or `present` (default: "
+                                          "evaluate.datasets); missing ones are reported, not errors"),
+             models: Optional[str] = typer.Option(None, "--models", help="student,student_stage1,teachers"),
+             reports: Optional[Path] = typer.Option(None, "--reports", help="write the reports here instead of "
+                                                    "paths.reports (keeps the pipeline's metrics.json as it is)"),
+             root: Path = RootOpt, params: Optional[Path] = ParamsOpt, profile: Optional[str] = ProfileOpt):
+    """Evaluate the students and teachers on the selected datasets: six task types, 95% CIs, a leaderboard."""
+    _setup_logging()
+    from mmkd.config import Workspace
+    from mmkd.steps import Context, run_step
+
+    ctx = _context(root, params, profile)
+    p = ctx.params
+    update = {}
+    if datasets:
+        update["datasets"] = [d.strip() for d in datasets.split(",") if d.strip()]
+    if models:
+        update["models"] = [m.strip() for m in models.split(",") if m.strip()]
+    try:
+        evaluate_cfg = type(p.evaluate).model_validate({**p.evaluate.model_dump(), **update})
+    except Exception as exc:
+        typer.echo(f"mmkd evaluate: {exc}", err=True)
+        raise typer.Exit(2)
+    paths = p.paths.model_copy(update={"reports": str(reports.resolve())}) if reports else p.paths
+    ctx = Context(Workspace(ctx.ws.root, p.model_copy(update={"evaluate": evaluate_cfg, "paths": paths})),
+                  ctx.params_path, ctx.parent_run_id)
+    try:
+        result = run_step("evaluate", ctx)
+    except (KeyError, FileNotFoundError) as exc:
+        typer.echo(f"mmkd evaluate: {exc}", err=True)
+        raise typer.Exit(2)
+    s = result["summary"]
+    for name, why in s["missing"].items():
+        typer.echo(f"missing: {name}: {why}", err=True)
+    for unit, why in s["failed"].items():
+        typer.echo(f"failed: {unit}: {why}", err=True)
+    typer.echo("\n" + ctx.ws.leaderboard.read_text())
+    typer.echo(f"{s['units']} units in {s['seconds']} s; reports in {ctx.ws.reports}")
+
+
+@app.command("run")
+def run(profile: Optional[str] = ProfileOpt, root: Path = RootOpt, params: Optional[Path] = ParamsOpt):
+    """Run the whole `retrain` Prefect flow: curate -> ... -> register."""
+    _setup_logging()
+    ctx = _context(root, params, profile)  # fail fast on bad params, before Prefect starts
+    from flows.retrain import (
+        retrain,  # flows/ and tasks/ are installed beside mmkd (pyproject.toml)
+    )
+
+    result = retrain(profile=ctx.params.profile, root=str(ctx.ws.root), params_path=str(ctx.params_path))
+    ws = ctx.ws
+    typer.echo("\n" + ws.leaderboard.read_text())
+    typer.echo(f"metrics:      {ws.metrics}\nleaderboard:  {ws.leaderboard}\nData Docs:    {ws.reports / 'data_docs' / 'index.html'}")
+    reg = result["registration"]
+    typer.echo(f"model:        {reg['model_uri']} (tracking {reg['tracking_uri']})")
+    typer.echo(f"gate:         {'promoted to' if reg['promoted'] else 'not promoted to'} {reg['champion_alias']}: "
+               f"{reg['reason']}; {reg['champion_uri']} is v{reg['champion_version']}")
+    typer.echo("MLflow UI:    bash mlflow_server/start.sh   then open http://127.0.0.1:5000")
+    typer.echo(f"wall time:    {result['seconds']:.0f} s")
