@@ -3,6 +3,8 @@ PYTHON ?= python3.11
 VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-$(shell cat pyproject.toml | cksum | cut -d' ' -f1)
+# torch comes from this machine's disk through pip (uv does not look there; the installed torch then satisfies the
+# project's range); the rest resolves with uv, in seconds where pip backtracks for minutes over the S3 packages.
 # pip prints one warning per missing local index folder on this kind of machine; keep the log readable
 PIP    := $(BIN)/pip install --disable-pip-version-check -q
 QUIET  := 2>&1 | grep -v "^WARNING: Location" || true
@@ -11,8 +13,9 @@ QUIET  := 2>&1 | grep -v "^WARNING: Location" || true
 
 $(STAMP):
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(PIP) torch==2.14.1 torchvision==0.29.1 $(QUIET)
-	$(PIP) -e ".[dev]" $(QUIET)
+	$(PIP) --no-compile torch==2.14.1 torchvision==0.29.1 $(QUIET)
+	$(PIP) "uv>=0.5" $(QUIET)
+	$(BIN)/uv pip install --quiet --python $(BIN)/python -e ".[dev]"
 	$(BIN)/python -c "import mmkd, torch, open_clip, prefect, mlflow, dvc, great_expectations"
 	rm -f $(VENV)/.installed-* && touch $(STAMP)
 
@@ -28,7 +31,7 @@ run: install
 	@echo "dvc.lock updated; 'dvc repro' now reports the pipeline up to date."
 
 test: install
-	PATH=$(CURDIR)/$(BIN):$$PATH $(BIN)/python -m pytest -q
+	PATH=$(CURDIR)/$(BIN):$$PATH bash tests/run.sh
 
 smoke: install
 	PATH=$(CURDIR)/$(BIN):$$PATH PREFECT_HOME=$${PREFECT_HOME:-$(CURDIR)/.prefect} $(BIN)/mmkd run --profile smoke --root $${ROOT:-/tmp/mmkd-smoke} --params $(CURDIR)/params.yaml

@@ -8,6 +8,12 @@ server to start on a busy 2-core machine.
 
 import os
 
-for _key, _value in {"PREFECT_SERVER_ANALYTICS_ENABLED": "false", "PREFECT_LOGGING_EXTRA_LOGGERS": "mmkd",
-                     "MLFLOW_DISABLE_TELEMETRY": "true", "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "120"}.items():
+OFFLINE_DEFAULTS = {
+    "PREFECT_SERVER_ANALYTICS_ENABLED": "false",           # the server's telemetry: an ERROR line offline
+    "MLFLOW_DISABLE_TELEMETRY": "true",                    # MLflow's usage telemetry
+    "PREFECT_LOGGING_EXTRA_LOGGERS": "mmkd",               # mmkd's log lines in the Prefect UI ...
+    "PREFECT_LOGGING_TO_API_WHEN_MISSING_FLOW": "ignore",  # ... and no warning for them outside a flow run
+    "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "120",  # the temporary server on a busy 2-core machine
+}
+for _key, _value in OFFLINE_DEFAULTS.items():
     os.environ.setdefault(_key, _value)
