@@ -7,6 +7,7 @@ server to start on a busy 2-core machine.
 """
 
 import os
+import sys
 
 OFFLINE_DEFAULTS = {
     "PREFECT_SERVER_ANALYTICS_ENABLED": "false",           # the server's telemetry: an ERROR line offline
@@ -15,5 +16,7 @@ OFFLINE_DEFAULTS = {
     "PREFECT_LOGGING_TO_API_WHEN_MISSING_FLOW": "ignore",  # ... and no warning for them outside a flow run
     "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "120",  # the temporary server on a busy 2-core machine
 }
+if not sys.stderr.isatty():  # MLflow's artifact bars: carriage-return noise in a log file
+    OFFLINE_DEFAULTS["MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"] = "false"
 for _key, _value in OFFLINE_DEFAULTS.items():
     os.environ.setdefault(_key, _value)

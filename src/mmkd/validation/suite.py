@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import sys
 import tarfile
 import tempfile
 from pathlib import Path
@@ -109,6 +110,10 @@ def validate(curated_dir: Path, curate: CurateCfg, cfg: ValidateCfg, docs_dir: P
     project = Path(tempfile.mkdtemp(prefix="mmkd-gx-"))
     try:
         context = gx.get_context(mode="file", project_root_dir=str(project))
+        if not sys.stderr.isatty():  # off a terminal GX's bars are carriage-return noise in the log
+            from great_expectations.data_context.types.base import ProgressBarsConfig
+
+            context.variables.progress_bars = ProgressBarsConfig(globally=False)
         context.add_data_docs_site("mmkd_site", {
             "class_name": "SiteBuilder",
             "store_backend": {"class_name": "TupleFilesystemStoreBackend", "base_directory": str(docs_dir)},
