@@ -15,7 +15,7 @@ $(STAMP):
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(PIP) --no-compile torch==2.14.1 torchvision==0.29.1 $(QUIET)
 	$(PIP) "uv>=0.5" $(QUIET)
-	$(BIN)/uv pip install --quiet --python $(BIN)/python -e ".[dev]"
+	$(BIN)/uv pip install --quiet --compile-bytecode --python $(BIN)/python -e ".[dev]"
 	$(BIN)/python -c "import mmkd, torch, open_clip, prefect, mlflow, dvc, great_expectations"
 	rm -f $(VENV)/.installed-* && touch $(STAMP)
 

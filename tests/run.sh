@@ -1,16 +1,16 @@
 #!/usr/bin/env bash
 # `make test`: the suite as two pytest processes side by side, one per core. The modules that use the session's
-# smoke run, servers or Prefect harness run in one process, so each of those starts once; every other module runs
-# in the other. Arguments go to both (e.g. -x). Each process's output is printed when both have ended.
+# smoke run or its MLflow team stack run in one process, so those start once; every other module runs in the other
+# (Prefect's test harness starts in each process that needs it). Arguments go to both (e.g. -x). Each process's output is printed when both have ended.
 set -uo pipefail
 cd "$(dirname "$0")/.."
-shared=$(grep -lE "smoke_run|tracking_server|prefect_harness" tests/test_*.py | sort)
+shared=$(grep -lE "smoke_run|tracking_server" tests/test_*.py | sort)
 rest=$(ls tests/test_*.py | sort | grep -vxF "$shared")
 logs=$(mktemp -d)
 t0=$(date +%s)
-python -m pytest -q -p no:cacheprovider "$@" $shared > "$logs/shared.log" 2>&1 &
+python -m pytest -q -p no:cacheprovider --durations=12 "$@" $shared > "$logs/shared.log" 2>&1 &
 a=$!
-python -m pytest -q -p no:cacheprovider "$@" $rest > "$logs/rest.log" 2>&1 &
+python -m pytest -q -p no:cacheprovider --durations=12 "$@" $rest > "$logs/rest.log" 2>&1 &
 b=$!
 wait $a; ra=$?
 wait $b; rb=$?
