@@ -65,3 +65,35 @@ def test_other_failures_are_not_retried():
     for exc in (ValueError("bad param"), FileNotFoundError(errno.ENOENT, "no such file"), KeyError("x"),
                 MemoryError(), sqlite3.OperationalError("no such table: runs"), RuntimeError("loss became nan")):
         assert not is_transient(exc), exc
+
+
+def test_prefect_retries_a_transient_failure_and_not_a_bad_one(prefect_harness):
+    """The step tasks' policy on real Prefect task runs: a dropped connection is retried, a bad value is not."""
+    from types import SimpleNamespace
+
+    from prefect import flow, task
+
+    from tasks import retry_options
+
+    calls = {"transient": 0, "bad": 0}
+    policy = retry_options(SimpleNamespace(retries=2, retry_backoff_seconds=0.0, retry_jitter=0.0))
+
+    @task(**policy)
+    def flaky(kind: str) -> str:
+        calls[kind] += 1
+        if kind == "transient" and calls[kind] < 3:
+            raise ConnectionResetError("the tracking server went away")
+        if kind == "bad":
+            raise ValueError("distill.fd_weight must be >= 0")
+        return "done"
+
+    @flow
+    def run(kind: str) -> str:
+        return flaky(kind)
+
+    assert run("transient") == "done" and calls["transient"] == 3  # two retries, then success
+    try:
+        run("bad")
+    except ValueError:
+        pass
+    assert calls["bad"] == 1  # failed at once
