@@ -14,7 +14,7 @@ python -m pytest -q -p no:cacheprovider --durations=12 "$@" $rest > "$logs/rest.
 b=$!
 wait $a; ra=$?
 wait $b; rb=$?
-echo "=== the modules sharing the session's smoke run, servers and Prefect harness (exit $ra)"
+echo "=== the modules sharing the session's smoke run and MLflow team stack (exit $ra)"
 cat "$logs/shared.log"
 echo "=== the other modules (exit $rb)"
 cat "$logs/rest.log"
