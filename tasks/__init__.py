@@ -13,6 +13,7 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 from prefect.tasks import exponential_backoff
 
+from mmkd.config import ScheduleCfg
 from mmkd.steps import Context, run_step
 from mmkd.transient import is_transient
 
@@ -35,10 +36,10 @@ def retry_options(schedule) -> dict:
 
 
 def step_task(name: str):
-    """A Prefect task running step `name`; it takes paths and a run id, never in-memory objects."""
+    """A Prefect task running step `name`; it takes paths and a run id, never in-memory objects. Its retry policy is
+    the schedule section's defaults; the retrain flow applies the workspace's own with `with_options`."""
 
-    @task(name=name, cache_policy=NO_CACHE, retries=2, retry_delay_seconds=exponential_backoff(backoff_factor=10),
-          retry_jitter_factor=0.5, retry_condition_fn=retry_if_transient)
+    @task(name=name, cache_policy=NO_CACHE, **retry_options(ScheduleCfg()))
     def _run(root: str, params_path: str, profile: str, parent_run_id: str) -> dict:
         return run_step(name, Context.load(root, params_path, profile, parent_run_id))
 
