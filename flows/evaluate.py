@@ -6,7 +6,7 @@ import time
 
 from prefect import flow, get_run_logger
 
-from mmkd.steps import Context, finish_pipeline, start_pipeline
+from mmkd.steps import Context, finish_pipeline, hold_workspace, start_pipeline
 from tasks.evaluate import evaluate as evaluate_step
 
 
@@ -15,14 +15,15 @@ def evaluate(profile: str | None = None, root: str = ".", params_path: str | Non
     """The evaluate step on what the workspace holds, under a parent run of its own; registers nothing."""
     logger = get_run_logger()
     ctx = Context.load(root, params_path, profile)
-    t0 = time.perf_counter()
-    parent = start_pipeline(ctx, entry="prefect", tags={"mmkd.trigger": "evaluate"}, name="evaluate")
-    try:
-        result = evaluate_step(str(ctx.ws.root), str(ctx.params_path), ctx.params.profile, parent)
-    except BaseException:
-        finish_pipeline(ctx, parent, ok=False)
-        raise
-    seconds = time.perf_counter() - t0
-    finish_pipeline(ctx, parent, ok=True, summary={"pipeline_seconds": seconds})
+    with hold_workspace(ctx, "flow evaluate"):  # it writes reports/ and the evaluation cache: one writer at a time
+        t0 = time.perf_counter()
+        parent = start_pipeline(ctx, entry="prefect", tags={"mmkd.trigger": "evaluate"}, name="evaluate")
+        try:
+            result = evaluate_step(str(ctx.ws.root), str(ctx.params_path), ctx.params.profile, parent)
+        except BaseException:
+            finish_pipeline(ctx, parent, ok=False)
+            raise
+        seconds = time.perf_counter() - t0
+        finish_pipeline(ctx, parent, ok=True, summary={"pipeline_seconds": seconds})
     logger.info("evaluated %s unit(s) in %.0f s; reports in %s", result["summary"]["units"], seconds, ctx.ws.reports)
     return {"parent_run_id": parent, "seconds": seconds, "evaluation": result["summary"]}

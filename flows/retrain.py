@@ -1,4 +1,8 @@
-"""The `retrain` flow: the full MMKD-CLIP pipeline, one task per step, one MLflow parent run per flow run."""
+"""The `retrain` flow: the full MMKD-CLIP pipeline, one task per step, one MLflow parent run per flow run.
+
+The flow holds the workspace lock (mmkd.workspace_lock) from start to end: its steps re-enter it, and a second flow
+or `mmkd stage` on the same workspace waits `workspace.lock_wait_s`, then fails naming this run.
+"""
 
 from __future__ import annotations
 
@@ -6,7 +10,7 @@ import time
 
 from prefect import flow, get_run_logger
 
-from mmkd.steps import Context, finish_pipeline, start_pipeline
+from mmkd.steps import Context, finish_pipeline, hold_workspace, start_pipeline
 from mmkd.steps.synth import suite_missing
 from tasks import retry_options
 from tasks.align import align
@@ -37,30 +41,31 @@ def retrain(profile: str | None = None, root: str = ".", params_path: str | None
     """
     logger = get_run_logger()
     ctx = Context.load(root, params_path, profile)
-    args = (str(ctx.ws.root), str(ctx.params_path), ctx.params.profile)
-    t0 = time.perf_counter()
-    tags = {"mmkd.trigger": trigger, **({"mmkd.note": note} if note else {})}
-    parent = start_pipeline(ctx, entry="prefect", tags=tags)
-    logger.info("MLflow parent run %s (profile %s, trigger %s)", parent, ctx.params.profile, trigger)
-    results: dict = {}
-    try:
-        if not ctx.ws.raw_manifest.exists() or suite_missing(ctx):
-            if not synthesize_if_missing:
-                raise FileNotFoundError(f"{ctx.ws.raw_manifest} missing and synthesize_if_missing is off")
-            results["synth"] = with_retries(synth, ctx.params.schedule)(*args, parent)
-        for task in PIPELINE_TASKS:
-            results[task.name] = with_retries(task, ctx.params.schedule)(*args, parent)
-    except BaseException:
-        finish_pipeline(ctx, parent, ok=False)
-        raise
-    seconds = time.perf_counter() - t0
-    reg = results["register"]["summary"]
-    logger.info("registered %s v%s: %s (%s); champion: v%s", reg["model_name"], reg["version"],
-                "promoted" if reg["promoted"] else "held", reg["reason"], reg["champion_version"])
-    finish_pipeline(ctx, parent, ok=True, summary={"pipeline_seconds": seconds,
-                                           **{f"{k}_seconds": v["seconds"] for k, v in results.items()}})
-    # registration: model_uri (the new version), champion_uri, and the gate's promoted, reason, challenger_score,
-    # champion_score (mmkd.tracking.gate)
-    return {"parent_run_id": parent, "seconds": seconds, "registration": reg,
-            "steps": {k: v["seconds"] for k, v in results.items()},
-            "summaries": {k: v.get("summary") for k, v in results.items()}}
+    with hold_workspace(ctx, f"flow retrain (trigger {trigger})"):  # one writer per workspace, for the whole run
+        args = (str(ctx.ws.root), str(ctx.params_path), ctx.params.profile)
+        t0 = time.perf_counter()
+        tags = {"mmkd.trigger": trigger, **({"mmkd.note": note} if note else {})}
+        parent = start_pipeline(ctx, entry="prefect", tags=tags)
+        logger.info("MLflow parent run %s (profile %s, trigger %s)", parent, ctx.params.profile, trigger)
+        results: dict = {}
+        try:
+            if not ctx.ws.raw_manifest.exists() or suite_missing(ctx):
+                if not synthesize_if_missing:
+                    raise FileNotFoundError(f"{ctx.ws.raw_manifest} missing and synthesize_if_missing is off")
+                results["synth"] = with_retries(synth, ctx.params.schedule)(*args, parent)
+            for task in PIPELINE_TASKS:
+                results[task.name] = with_retries(task, ctx.params.schedule)(*args, parent)
+        except BaseException:
+            finish_pipeline(ctx, parent, ok=False)
+            raise
+        seconds = time.perf_counter() - t0
+        reg = results["register"]["summary"]
+        logger.info("registered %s v%s: %s (%s); champion: v%s", reg["model_name"], reg["version"],
+                    "promoted" if reg["promoted"] else "held", reg["reason"], reg["champion_version"])
+        finish_pipeline(ctx, parent, ok=True, summary={"pipeline_seconds": seconds,
+                                                       **{f"{k}_seconds": v["seconds"] for k, v in results.items()}})
+        # registration: model_uri (the new version), champion_uri, and the gate's promoted, reason, challenger_score,
+        # champion_score (mmkd.tracking.gate)
+        return {"parent_run_id": parent, "seconds": seconds, "registration": reg,
+                "steps": {k: v["seconds"] for k, v in results.items()},
+                "summaries": {k: v.get("summary") for k, v in results.items()}}

@@ -93,5 +93,30 @@ def workspace(tmp_path) -> Path:
     return tmp_path
 
 
+@pytest.fixture(scope="session")
+def model_server(smoke_run, tmp_path_factory):
+    """`mlflow models serve` on the smoke run's champion, shared by tests/test_serving.py and
+    tests/faults/test_serving_burst.py; it starts (~10 s) while the tests that do not need it yet run."""
+    from tests.servers import ModelServer
+
+    server = ModelServer(smoke_run["tracking_uri"], tmp_path_factory.mktemp("serve") / "serve.log")
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.hookimpl(specname="pytest_collection_modifyitems")
+def pytest_collection_modifyitems_serving_burst(items):
+    """tests/faults/test_serving_burst.py runs right after tests/test_serving.py: they share `model_server`, whose
+    start (~10 s) then overlaps test_serving's CLI tests instead of stalling the burst."""
+    burst = [i for i in items if i.nodeid.startswith("tests/faults/test_serving_burst.py")]
+    serving = [i for i in items if i.nodeid.startswith("tests/test_serving.py")]
+    if burst and serving:
+        rest = [i for i in items if i not in burst]
+        k = rest.index(serving[-1]) + 1
+        items[:] = rest[:k] + burst + rest[k:]
+
+
 def pytest_sessionfinish(session, exitstatus):
     shutil.rmtree(_PREFECT_HOME, ignore_errors=True)

@@ -4,8 +4,8 @@
 # (Prefect's test harness starts in each process that needs it). Arguments go to both (e.g. -x). Each process's output is printed when both have ended.
 set -uo pipefail
 cd "$(dirname "$0")/.."
-shared=$(grep -lE "smoke_run|tracking_server" tests/test_*.py | sort)
-rest=$(ls tests/test_*.py | sort | grep -vxF "$shared")
+shared=$(grep -lE "smoke_run|tracking_server" tests/test_*.py tests/faults/test_*.py | sort)
+rest=$(ls tests/test_*.py tests/faults/test_*.py | sort | grep -vxF "$shared")
 logs=$(mktemp -d)
 t0=$(date +%s)
 python -m pytest -q -p no:cacheprovider --durations=12 "$@" $shared > "$logs/shared.log" 2>&1 &

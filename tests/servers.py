@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import os
+import signal
+import subprocess
+import sys
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
@@ -26,3 +30,35 @@ def mlflow_server(root: Path) -> Iterator[dict]:
     """`mlflow server` on a SQLite store and local artifacts under root (the local default)."""
     with local_server(root, workers=1) as s:
         yield s.as_dict()
+
+
+class ModelServer:
+    """`mlflow models serve` on a registered model, on 127.0.0.1; `url()` waits until it answers /ping;
+    `server_pid()` is the uvicorn process that serves (the CLI's child) once it answers."""
+
+    def __init__(self, tracking_uri: str, log: Path, model: str = "models:/mmkd-student@champion"):
+        self.log, self.port = log, free_port()
+        bin_dir = Path(sys.executable).parent  # `mlflow` and the `uvicorn` it execs: this environment's scripts
+        env = {**os.environ, "MLFLOW_TRACKING_URI": tracking_uri,
+               "PATH": f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}"}
+        cmd = [str(bin_dir / "mlflow"), "models", "serve", "-m", model, "--env-manager", "local",
+               "--host", "127.0.0.1", "-p", str(self.port)]
+        with open(log, "w") as out:  # its own session: the uvicorn child is stopped with it
+            self.proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+
+    def url(self) -> str:
+        url = f"http://127.0.0.1:{self.port}"
+        wait_http(url + "/ping", self.proc, self.log, timeout=180)
+        return url
+
+    def server_pid(self) -> int:
+        children = Path(f"/proc/{self.proc.pid}/task/{self.proc.pid}/children").read_text().split()
+        assert len(children) == 1, f"expected one uvicorn child of `mlflow models serve`, got {children}"
+        return int(children[0])
+
+    def stop(self) -> None:
+        os.killpg(self.proc.pid, signal.SIGTERM)
+        try:
+            self.proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            os.killpg(self.proc.pid, signal.SIGKILL)

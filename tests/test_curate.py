@@ -52,7 +52,9 @@ def test_bad_input_corpus_is_quarantined_or_repaired_and_every_good_record_survi
     Image.new("1", (12_000, 12_000)).save(img / "bomb.png")                 # 144 M pixels declared, tiny file
     ramp = (np.linspace(0, 4000, 48 * 48).reshape(48, 48)).astype(np.uint16)  # 12-bit data in a 16-bit PNG
     Image.fromarray(ramp).save(img / "deep16.png")
-    Image.fromarray(np.full((48, 48, 3), (200, 30, 90), np.uint8)).convert("CMYK").save(img / "cmyk.jpg", quality=95)
+    checker = ((np.arange(48)[:, None] // 8 + np.arange(48) // 8) % 2 * 24 - 12)[..., None]  # +-12: not one flat colour
+    Image.fromarray((np.array([200, 30, 90]) + checker).astype(np.uint8)).convert("CMYK").save(img / "cmyk.jpg",
+                                                                                                 quality=95)
     shutil.copy(first, img / "exact-copy.png")
     Image.open(corpus / good[1]["image"]).convert("RGB").save(img / "reencoded.jpg", quality=90)
     _png(np.full((8, 8, 3), 128, np.uint8), img / "tiny.png")

@@ -33,6 +33,10 @@ def test_prefect_yaml_matches_params_and_holds_the_three_deployments():
     assert deps[s.evaluate_deployment]["schedules"] == []
     assert deps[s.inbox_deployment]["schedules"][0]["cron"] == s.inbox_cron
     assert {d["work_pool"]["name"] for d in deps.values()} == {s.work_pool}
+    # one flow run per workspace: all three share a work queue (limit 1, set by `mmkd deploy --apply`), and each
+    # deployment runs once at a time, a later run enqueued rather than dropped
+    assert {d["work_pool"]["work_queue_name"] for d in deps.values()} == {s.work_queue}
+    assert all(d["concurrency_limit"] == {"limit": 1, "collision_strategy": "ENQUEUE"} for d in deps.values())
 
 
 def test_schedule_and_parameters_follow_params(tmp_path):
@@ -83,6 +87,12 @@ def test_deployments_register_on_a_server_and_a_worker_runs_one(prefect_harness,
         inbox = client.read_deployment_by_name(f"inbox/{params.schedule.inbox_deployment}")
         assert [s.schedule.cron for s in inbox.schedules] == [params.schedule.inbox_cron]
         assert client.read_deployment_by_name(f"evaluate/{params.schedule.evaluate_deployment}").schedules == []
+        queue = client.read_work_queue_by_name(params.schedule.work_queue, work_pool_name=params.schedule.work_pool)
+        assert queue.concurrency_limit == 1  # one flow run at a time on the workspace, whichever deployment
+        for dep in (retrain, inbox):
+            assert dep.work_queue_name == params.schedule.work_queue
+            strategy = dep.concurrency_options.collision_strategy
+            assert dep.global_concurrency_limit.limit == 1 and getattr(strategy, "value", strategy) == "ENQUEUE"
     run = run_deployment(f"inbox/{params.schedule.inbox_deployment}", timeout=0,
                          parameters={"root": str(workspace), "profile": "smoke"})
     out = subprocess.run([mmkd, "worker", "--run-once", "--root", str(REPO)], env=env, capture_output=True,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -11,7 +12,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from mmkd.data.inbox import InboxError, ingest_drop, ingested_drops, pending_drops, plan_drop
+from mmkd.data.inbox import InboxError, drop_state, ingest_drop, ingested_drops, pending_drops, plan_drop
 
 
 def make_drop(folder: Path, n: int, seed: int = 7777, bad_rows: bool = False, csv: bool = False) -> list[dict]:
@@ -88,6 +89,51 @@ def test_csv_drop_and_a_drop_without_manifest(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(InboxError, match="expected one of"):
         plan_drop(tmp_path / "empty")
+
+
+def test_links_are_refused_naming_the_link_and_nothing_outside_the_drop_is_read(tmp_path):
+    """A link planted in a drop (to a credentials file), a drop that is itself a link, and a file swapped for a link
+    after planning: each refused with the link named; nothing reaches data/."""
+    inbox, manifest = tmp_path / "inbox", tmp_path / "data" / "inbox" / "manifest.jsonl"
+    secret = tmp_path / "credentials"
+    secret.write_text("aws_secret_access_key = hunter2\n")
+    make_drop(inbox / "planted", 2)
+    (inbox / "planted" / "img" / "extra.png").symlink_to(secret)
+    with pytest.raises(InboxError, match=r"img/extra.png is a symbolic link \(to .*credentials\)"):
+        plan_drop(inbox / "planted")
+    make_drop(tmp_path / "elsewhere", 2)
+    (inbox / "linked").symlink_to(tmp_path / "elsewhere", target_is_directory=True)
+    assert [d.name for d in pending_drops(inbox)[0]] == ["linked", "planted"]  # listed, so refused with a reason
+    with pytest.raises(InboxError, match="linked is a symbolic link"):
+        plan_drop(inbox / "linked")
+    assert drop_state(inbox / "linked") == [(".", 0, 0, os.lstat(inbox / "linked").st_mode)]  # the cache key
+    make_drop(inbox / "swapped", 2)
+    plan = plan_drop(inbox / "swapped")  # planned clean (the flow caches plans) ...
+    victim = inbox / "swapped" / plan.files[0]
+    victim.unlink()
+    victim.symlink_to(secret)  # ... then a file replaced by a link before ingestion
+    with pytest.raises(InboxError, match=f"{plan.files[0]}"):
+        ingest_drop(plan, manifest, inbox / "processed")
+    assert not manifest.exists() and not any(manifest.parent.glob("*/img/*"))
+    assert "hunter2" not in "".join(p.read_text(errors="replace") for p in tmp_path.rglob("*") if p.is_file()
+                                    and not p.is_symlink() and p != secret)
+
+
+def test_a_drop_changed_after_planning_waits_and_an_interrupted_one_is_completed(tmp_path):
+    inbox, manifest = tmp_path / "inbox", tmp_path / "data" / "inbox" / "manifest.jsonl"
+    make_drop(inbox / "d", 3)
+    plan = plan_drop(inbox / "d")
+    (inbox / "d" / plan.files[0]).write_bytes(b"other bytes")
+    with pytest.raises(InboxError, match="changed after it was planned"):
+        ingest_drop(plan, manifest, inbox / "processed")
+    assert (inbox / "d").is_dir() and not manifest.exists() and not list(manifest.parent.iterdir())
+    # rows written, archiving interrupted (the state a kill leaves): the next run archives it and says so
+    plan = plan_drop(inbox / "d")
+    out = ingest_drop(plan, manifest, inbox / "processed")
+    shutil.move(out["processed"], inbox / "d")
+    again = ingest_drop(plan_drop(inbox / "d"), manifest, inbox / "processed")
+    assert again["recovered"] and not again["already_ingested"] and again["drop_id"] == plan.drop_id
+    assert len(manifest.read_text().splitlines()) == 3 and not (inbox / "d").exists()
 
 
 def test_inbox_config_requires_an_optional_manifest_source(workspace):

@@ -3,11 +3,7 @@
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import signal
-import subprocess
-import sys
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -19,13 +15,14 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from mmkd.cli import app
-from mmkd.serving.inputs import read_image
+from mmkd.config import ServingCfg
+from mmkd.serving.inputs import decode_bytes, read_image
+from mmkd.serving.requests import DecodeGate, RequestError
 from mmkd.serving.model import DEFAULT_MODEL
 from mmkd.tracking.pyfunc import encode_image_b64
-from tests.servers import free_port, wait_http
+from tests.faults.test_serving_burst import b64, deflated_dicom_bomb, png16_bomb
 
 runner = CliRunner()
-BIN = Path(sys.executable).parent  # `mlflow` and the `uvicorn` it execs are console scripts of this environment
 LABELS = ["normal", "pneumonia", "effusion"]
 
 
@@ -97,7 +94,7 @@ def pyfunc_embeddings(model, images=(), texts=()) -> tuple[np.ndarray, np.ndarra
             np.array(out["text_embedding"][len(images):].tolist(), dtype=float))
 
 
-def test_predict_prints_a_probability_table_for_pngs_dicom_and_16bit_png(smoke_run, inputs, served):
+def test_predict_prints_a_probability_table_for_pngs_dicom_and_16bit_png(smoke_run, inputs, model_server):
     files = [*map(str, inputs["pngs"]), str(inputs["dicom"]), str(inputs["png16"]), str(inputs["bad"])]
     res = cli(smoke_run, "predict", *files, "--labels", ",".join(LABELS))
     assert res.exit_code == 0, res.output
@@ -151,55 +148,23 @@ def test_embed_a_folder_and_captions_equals_the_registered_pyfunc(smoke_run, inp
 def test_unreadable_inputs_are_named_and_fail(inputs, tmp_path, monkeypatch):
     empty = tmp_path / "empty"
     empty.mkdir()
-    res = runner.invoke(app, ["predict", str(inputs["bad"]), str(empty), str(tmp_path / "missing.dcm"),
+    bomb = tmp_path / "bomb.png"  # 30 Mpx of 16-bit: under curation's limit, over serving's (params.yaml)
+    bomb.write_bytes(png16_bomb(6000, 5000))
+    res = runner.invoke(app, ["predict", str(inputs["bad"]), str(empty), str(tmp_path / "missing.dcm"), str(bomb),
                               "--labels", "a,b"])
     assert res.exit_code == 1
     assert f"skipped {inputs['bad']}: not an image: content is no known image format" in res.stderr
     assert f"skipped {empty}: folder holds no image, DICOM or NIfTI file" in res.stderr
     assert f"skipped {tmp_path / 'missing.dcm'}: no such file or folder" in res.stderr
-    assert "none of the 3 input(s) could be read" in res.stderr
+    assert (f"skipped {bomb}: too large: image 6000x5000 = 30000000 pixels > serving.max_pixels 25000000"
+            in res.stderr)
+    assert "none of the 4 input(s) could be read" in res.stderr
     # no tracking store anywhere: said so, rather than MLflow creating an empty one
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     res = runner.invoke(app, ["embed", str(inputs["pngs"][0]), "--out", str(tmp_path / "x.npy"),
                               "--root", str(tmp_path)])
     assert res.exit_code == 2 and f"no MLflow store at {tmp_path / 'mlflow_server' / 'mlflow.db'}" in res.stderr
     assert not (tmp_path / "mlflow_server").exists()
-
-
-class ModelServer:
-    """`mlflow models serve` on the registered champion, on 127.0.0.1; `url()` waits until it answers /ping."""
-
-    def __init__(self, tracking_uri: str, log: Path):
-        self.log, self.port = log, free_port()
-        env = {**os.environ, "MLFLOW_TRACKING_URI": tracking_uri,
-               "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}"}  # it execs `uvicorn` from PATH
-        cmd = [str(BIN / "mlflow"), "models", "serve", "-m", DEFAULT_MODEL, "--env-manager", "local",
-               "--host", "127.0.0.1", "-p", str(self.port)]
-        with open(log, "w") as out:  # its own session: the uvicorn child is stopped with it
-            self.proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True)
-
-    def url(self) -> str:
-        url = f"http://127.0.0.1:{self.port}"
-        wait_http(url + "/ping", self.proc, self.log, timeout=180)
-        return url
-
-    def stop(self) -> None:
-        os.killpg(self.proc.pid, signal.SIGTERM)
-        try:
-            self.proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            os.killpg(self.proc.pid, signal.SIGKILL)
-
-
-@pytest.fixture(scope="module")
-def served(smoke_run, tmp_path_factory):
-    """One model server for the module; the first test asks for it so that its start (~10 s: MLflow and torch
-    imports, the model download) overlaps the CLI tests."""
-    server = ModelServer(smoke_run["tracking_uri"], tmp_path_factory.mktemp("serve") / "serve.log")
-    try:
-        yield server
-    finally:
-        server.stop()
 
 
 def post(url: str, rows: list) -> tuple[int, dict]:
@@ -212,8 +177,8 @@ def post(url: str, rows: list) -> tuple[int, dict]:
         return exc.code, json.loads(exc.read())
 
 
-def test_mlflow_models_serve_answers_embedding_requests(served, inputs, pyfunc):
-    url = served.url()
+def test_mlflow_models_serve_answers_embedding_requests(model_server, inputs, pyfunc):
+    url = model_server.url()
     with urllib.request.urlopen(url + "/ping", timeout=10) as r:
         assert r.status == 200
     png, dicom = inputs["pngs"][0], inputs["dicom"]
@@ -230,3 +195,42 @@ def test_mlflow_models_serve_answers_embedding_requests(served, inputs, pyfunc):
     # a payload that is no image: refused, the row named with curation's reason
     status, out = post(url, [[encode_image_b64(inputs["bad"]), None]])
     assert status == 400 and "row 0: not an image" in json.dumps(out)
+
+
+def test_serving_limits_refuse_from_the_header_and_name_the_row(inputs, pyfunc, monkeypatch):
+    # the registered model carries the limits it was registered with (params.yaml `serving`)
+    assert pyfunc.model_config == ServingCfg().model_dump()
+    limits = ServingCfg(max_image_bytes=300_000, max_rows=3)
+    gate = DecodeGate(limits)
+    decoded = []
+
+    def decode(data, name):
+        decoded.append(name)
+        return decode_bytes(data, name=name, limits=limits)
+
+    good = encode_image_b64(inputs["pngs"][0])
+    big = b64(bytes(400_000))  # over max_image_bytes: refused from the base64 length, before it is decoded
+    with pytest.raises(RequestError) as err:
+        gate.images({0: good, 1: big, 2: b64(png16_bomb(6000, 5000))}, decode)
+    assert err.value.status == 413 and not decoded  # every row is checked before any is decoded
+    assert str(err.value).startswith("row 1: too large: about 400000 bytes of base64 payload > "
+                                     "serving.max_image_bytes 300000 bytes")
+    assert "; row 2: too large: image 6000x5000 = 30000000 pixels > serving.max_pixels" in str(err.value)
+    with pytest.raises(RequestError, match=r"^row 0: too large: deflated DICOM dataset inflates to more than"):
+        gate.images({0: b64(deflated_dicom_bomb(1000, 1000))}, decode)  # 2 MB inflated > 300 kB
+    with pytest.raises(RequestError, match="too large: the request has 4 rows > serving.max_rows 3") as err:
+        gate.check_rows(4)
+    assert err.value.status == 413
+    with pytest.raises(RequestError, match="^row 2: too large: text of 10001 characters > serving.max_text_chars"):
+        gate.check_texts({0: "a CT scan", 2: "x" * 10_001})
+    # past the scoring server's timeout (its client has had MLflow's 504), a request decodes nothing more
+    with pytest.raises(RequestError, match="row 0: not decoded: the request passed the server's timeout") as err:
+        gate.images({0: good}, decode, deadline=0.0)
+    assert err.value.status == 504 and not decoded
+    assert gate.images({0: good}, decode)[0].shape == read_image(inputs["pngs"][0]).shape and decoded == ["row 0"]
+    # through the pyfunc: MLflow's error with the HTTP status, the rows named, no trace
+    from mmkd.tracking.pyfunc import ServingRefusal
+
+    with pytest.raises(ServingRefusal) as err:
+        pyfunc.predict(pd.DataFrame({"image": [good, b64(png16_bomb(6000, 5000))], "text": [None, None]}))
+    assert err.value.get_http_status_code() == 413 and err.value.message.startswith("row 1: too large")

@@ -48,7 +48,7 @@ def test_ct_record_fields_and_pixels(tmp_path):
     [rec] = records("dicom", root)
     assert (rec.key, rec.origin, rec.modality, rec.group, rec.problem) == \
         ("CT_small.dcm#frame0", "CT_small.dcm", "ct", "1CT1", None)
-    assert rec.loc == {"path": str(root / "CT_small.dcm"), "frame": 0}
+    assert rec.loc == {"path": str(root / "CT_small.dcm"), "frame": 0, "rel": "CT_small.dcm", "root": str(root)}
     assert rec.caption == "CT image, e+1"  # default template, empty body part tidied away
     assert rec.raw["tags"]["Modality"] == "CT" and "PatientID" not in rec.raw["tags"]
     [a] = pixels("dicom", root)
@@ -223,3 +223,15 @@ def test_nifti_nan_safe_subject_group_and_size_limit(tmp_path):
     assert_rgb8(nifti.load_pixels(rec, CFG), (24, 32))
     with pytest.raises(RecordError, match="decompression bomb"):
         nifti.load_pixels(rec, CurateCfg(max_pixels=100))
+
+
+def test_deflated_dicom_decodes_and_its_inflated_size_is_capped(tmp_path):
+    root = folder(tmp_path, DCM, "image_dfl.dcm")
+    [rec] = records("dicom", root)
+    a = dicom.load_pixels(rec, CFG)  # pixel_array(path) cannot read a deflated stream: the reader inflates it
+    assert np.array_equal(a[..., 0], window(pydicom.dcmread(root / "image_dfl.dcm").pixel_array, 0, 255))
+    small = CurateCfg(max_inflated_bytes=100_000)  # the dataset inflates to about 262 kB
+    with pytest.raises(RecordError, match="image_dfl.dcm inflates past max_inflated_bytes 100000"):
+        dicom.load_pixels(rec, small)
+    [refused] = dicom.iter_records(SourceCfg(name="s", kind="dicom", path=str(root)), root, small)
+    assert refused.problem == "deflated DICOM too large: image_dfl.dcm inflates past max_inflated_bytes 100000"

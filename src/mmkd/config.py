@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import collections
 import copy
 from pathlib import Path
 from typing import Any, Literal
@@ -127,6 +128,21 @@ class SourceCfg(Strict):
             raise ValueError(f"unknown column roles {bad}; roles: {', '.join(COLUMN_ROLES)}")
         return v
 
+    @model_validator(mode="after")
+    def _listing_settings(self) -> "SourceCfg":
+        # checked at load: an error while listing a source costs records (quarantined), a bad setting stops the run
+        if isinstance(self.slices, int) and self.slices < 1:
+            raise ValueError(f"slices must be >= 1, got {self.slices}")
+        t = self.caption_template
+        try:  # the fields each reader fills: any DICOM keyword (absent ones empty); nifti's four
+            if t and self.kind == "dicom":
+                t.format_map(collections.defaultdict(str))
+            elif t and self.kind == "nifti":
+                t.format(name="", axis="axial", slice=0, modality="")
+        except (KeyError, ValueError, IndexError, AttributeError) as exc:
+            raise ValueError(f"bad {self.kind} caption_template {t!r}: {type(exc).__name__}: {exc}") from None
+        return self
+
 
 class CurateCfg(Strict):
     sources: list[SourceCfg] = Field(default_factory=lambda: [SourceCfg(name="embedded", kind="synthetic")])
@@ -137,6 +153,13 @@ class CurateCfg(Strict):
     max_pixels: int = Field(100_000_000, ge=1, description="larger images are refused as decompression bombs")
     max_side: int = Field(1024, ge=16, description="stored images are downscaled to at most this side")
     highbit_percentiles: tuple[float, float] = Field((0.0, 100.0), description="window for >8-bit images")
+    # byte limits, checked by the source readers before the bytes are read or inflated (a refusal quarantines
+    # the record, naming it and the limit)
+    max_file_bytes: int = Field(256 * 2**20, ge=1, description="an image file or tar image member read whole")
+    max_sidecar_bytes: int = Field(2**20, ge=1, description="a caption/metadata sidecar file or tar member")
+    max_line_bytes: int = Field(2**20, ge=1, description="one manifest line (jsonl / csv)")
+    max_inflated_bytes: int = Field(256 * 2**20, ge=1, description="a deflated DICOM dataset, inflated")
+    max_header_bytes: int = Field(16 * 2**20, ge=1, description="a NIfTI header with its extensions")
     # the decoded fast path: square uint8 views per shard at each model input size, memory-mapped by training and
     # evaluation; a consumer whose size is not listed decodes the shards instead
     decoded_sizes: list[int] = Field(default_factory=lambda: [224])
@@ -147,9 +170,18 @@ class CurateCfg(Strict):
                                                              "this mean absolute grey level")
     split_fractions: dict[str, float] = Field(default_factory=lambda: {"train": 0.8, "probe": 0.1, "test": 0.1})
     scrub_captions: bool = True
-    min_caption_chars: int = Field(1, ge=1)
+    # the group-token secret (mmkd.data.splits.workspace_key): filled in by the curate step, never from params.yaml,
+    # never dumped or logged
+    group_key: bytes | None = Field(None, exclude=True, repr=False)
+    # caption bounds after scrubbing: curation quarantines what validation would refuse (the one place they live)
+    min_caption_chars: int = Field(8, ge=1)
+    max_caption_chars: int = Field(2000, ge=1)
+    min_pixel_std: float = Field(1.0, ge=0, description="stored pixels varying less (std, 0-255) carry no "
+                                                         "information: quarantined")
     workers: int = Field(2, ge=0, description="decoding processes; 0 decodes in the calling process")
     incremental: bool = True
+    durable: bool = Field(True, description="fsync each file of a new store generation before it is switched in "
+                                            "(off: a killed run still leaves the store whole; a power loss may not)")
 
     @field_validator("sources")
     @classmethod
@@ -169,15 +201,27 @@ class CurateCfg(Strict):
             raise ValueError("split_fractions: keys from train/probe/test, non-negative, summing to 1")
         return v
 
+    @model_validator(mode="after")
+    def _caption_bounds(self) -> "CurateCfg":
+        if self.max_caption_chars < self.min_caption_chars:
+            raise ValueError(f"max_caption_chars {self.max_caption_chars} < min_caption_chars {self.min_caption_chars}")
+        return self
+
 
 class ValidateCfg(Strict):
-    min_caption_chars: int = 8
-    max_caption_chars: int = 2000
     min_split_rows: dict[str, int] = Field(default_factory=lambda: {"train": 20, "probe": 4, "test": 8})
     min_rows_per_modality: int = Field(1, ge=0, description="each expected modality needs this many train rows")
     expected_modalities: list[str] | None = Field(None, description="default: synth.modalities")
     max_unknown_fraction: float = Field(0.05, ge=0, le=1, description="share of records of modality `unknown`")
     fail_on_error: bool = True
+
+    @model_validator(mode="before")
+    @classmethod
+    def _moved(cls, v: Any) -> Any:
+        moved = [k for k in ("min_caption_chars", "max_caption_chars") if isinstance(v, dict) and k in v]
+        if moved:
+            raise ValueError(f"validate.{moved[0]} moved to curate.{moved[0]}: curation enforces what it validates")
+        return v
 
 
 class TrainCfg(Strict):
@@ -416,6 +460,21 @@ class RegisterCfg(Strict):
         return self
 
 
+class ServingCfg(Strict):
+    """Limits on what inference decodes (mmkd.serving.limits), checked from each input's header before any pixel
+    is decoded; `log_student` carries them into the registered model (its model_config), so a served model
+    enforces the limits it was registered with."""
+
+    max_pixels: int = Field(25_000_000, ge=1, description="per image, DICOM frame or NIfTI slice")
+    max_image_bytes: int = Field(64 * 2**20, ge=1, description="one image's encoded bytes (a request row, a file)")
+    max_decoded_bytes: int = Field(512 * 2**20, ge=1, description="what one input may inflate to: its raw "
+                                                                   "pixels, all frames, a volume, a deflated DICOM")
+    max_rows: int = Field(256, ge=1, description="rows per request to the served model")
+    max_text_chars: int = Field(10_000, ge=1, description="one caption (the tokenizer reads all of it, then "
+                                                          "keeps 77 tokens)")
+    max_concurrent_decodes: int = Field(2, ge=1, description="decodes at once in one server process")
+
+
 class TrackingCfg(Strict):
     experiment: str = "mmkd"
     tracking_uri: str | None = None
@@ -434,6 +493,9 @@ class ScheduleCfg(Strict):
     evaluate_deployment: str = "evaluate"       # the evaluate flow, run on demand (no schedule)
     inbox_deployment: str = "inbox-watch"       # the inbox flow, on `inbox_cron`: retrains only when data arrived
     inbox_cron: str = "*/15 * * * *"
+    # the work queue all three deployments share; `mmkd deploy --apply` creates it with concurrency limit 1, so one
+    # flow run at a time works on the workspace (each deployment is also limited to 1, later runs enqueued)
+    work_queue: str = "mmkd-workspace"
     # a step task that fails with a transient error (network, server unavailable, database locked) is retried
     # `retries` times after exponential backoff: retry_backoff_seconds * 2**k, +-retry_jitter of it
     retries: int = Field(2, ge=0)
@@ -447,6 +509,13 @@ class InboxCfg(Strict):
     dir: str = Field("inbox", description="where drops arrive, relative to the workspace root")
     source: str = Field("inbox", description="the curate source (kind manifest, optional) the drops are added to")
     processed: str = Field("processed", description="ingested drops move here, under `dir`")
+
+
+class WorkspaceCfg(Strict):
+    """One writer per workspace (mmkd.workspace_lock): a pipeline run or a step run alone holds `.mmkd/lock`."""
+
+    lock_wait_s: float = Field(10.0, ge=0, description="how long a second run waits for the holder, then fails "
+                                                       "naming it")
 
 
 class Params(Strict):
@@ -465,9 +534,11 @@ class Params(Strict):
     distill: DistillCfg = DistillCfg()
     evaluate: EvaluateCfg = EvaluateCfg()
     register_: RegisterCfg = Field(RegisterCfg(), alias="register")
+    serving: ServingCfg = ServingCfg()
     tracking: TrackingCfg = TrackingCfg()
     schedule: ScheduleCfg = ScheduleCfg()
     inbox: InboxCfg = InboxCfg()
+    workspace: WorkspaceCfg = WorkspaceCfg()
     profiles: dict[str, dict[str, Any]] = Field(default_factory=dict)
 
     model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)

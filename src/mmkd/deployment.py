@@ -14,8 +14,14 @@ ENTRYPOINTS = {"retrain": "flows/retrain.py:retrain", "evaluate": "flows/evaluat
 def deployments(params: Params) -> list[dict]:
     """retrain on its cron, evaluate on demand, inbox on its own cron (it retrains only when a drop arrived)."""
     s = params.schedule
+
     def common() -> dict:  # fresh dicts each time: shared ones would be written as YAML anchors
-        return {"parameters": {"profile": params.profile}, "work_pool": {"name": s.work_pool}}
+        # one flow run per workspace: each deployment runs one at a time (a later run waits its turn), and all three
+        # share a work queue that `mmkd deploy --apply` creates with concurrency limit 1 (the workspace lock is the
+        # backstop for runs started outside Prefect)
+        return {"parameters": {"profile": params.profile},
+                "work_pool": {"name": s.work_pool, "work_queue_name": s.work_queue},
+                "concurrency_limit": {"limit": 1, "collision_strategy": "ENQUEUE"}}
 
     return [
         {"name": s.deployment, "description": "Full MMKD-CLIP retraining: curate, validate, teachers, features, "
@@ -31,6 +37,9 @@ def deployments(params: Params) -> list[dict]:
          "entrypoint": ENTRYPOINTS["inbox"], **common(),
          "schedules": [{"cron": s.inbox_cron, "timezone": s.timezone, "active": True}]},
     ]
+
+
+WORK_QUEUE_LIMIT = 1  # flow runs at once on the shared work queue: one writer per workspace
 
 
 def render_prefect_yaml(params: Params) -> str:

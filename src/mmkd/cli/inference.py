@@ -32,10 +32,22 @@ def _inference_model(model: str, tracking_uri: Optional[str], root: Path, params
         raise typer.Exit(2)
 
 
-def _read_images(inputs: list[str]):
+def _serving_limits(root: Path, params: Optional[Path]):
+    """params.yaml's `serving` limits (defaults when there is no params.yaml): the CLI reads as the server does."""
+    from mmkd.config import ServingCfg, load_params
+
+    path = Path(params) if params else Path(root) / "params.yaml"
+    try:
+        return load_params(path).serving if path.exists() else ServingCfg()
+    except ConfigError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(2)
+
+
+def _read_images(inputs: list[str], root: Path, params: Optional[Path]):
     from mmkd.serving.inputs import read_all
 
-    images, skipped = read_all(inputs)
+    images, skipped = read_all(inputs, limits=_serving_limits(root, params))
     for s in skipped:
         typer.echo(f"skipped {s.input}: {s.reason}", err=True)
     if not images:
@@ -67,7 +79,7 @@ def predict(images: list[str] = typer.Argument(..., help="image files or folders
     except ValueError as exc:
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(2)
-    read, skipped = _read_images(images)
+    read, skipped = _read_images(images, root, params)
     loaded = _inference_model(model, tracking_uri, root, params, device)
     probs = zs.predict(loaded, [rgb for _, rgb in read], names, chosen)
     records = zs.as_records([str(p) for p, _ in read], names, probs, top_k)
@@ -99,7 +111,7 @@ def embed(inputs: list[str] = typer.Argument(..., help="image files or folders; 
             typer.echo(f"error: {exc}", err=True)
             raise typer.Exit(2)
     else:
-        read, skipped = _read_images(inputs)
+        read, skipped = _read_images(inputs, root, params)
         rows = [str(p) for p, _ in read]
     loaded = _inference_model(model, tracking_uri, root, params, device)
     emb = em.embed_texts(loaded, rows) if texts else em.embed_images(loaded, [rgb for _, rgb in read])

@@ -47,6 +47,23 @@ def _prefect(args: list[str], api: str, home: Path) -> None:
         raise typer.Exit(code)
 
 
+def _one_run_at_a_time(api: str, pool: str, queue: str) -> None:
+    """The work queue the three deployments share, with concurrency limit 1: one flow run per workspace at a time."""
+    from prefect.client.orchestration import get_client
+    from prefect.exceptions import ObjectNotFound
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    from mmkd.deployment import WORK_QUEUE_LIMIT
+
+    with temporary_settings({PREFECT_API_URL: api}), get_client(sync_client=True) as client:
+        try:
+            wq = client.read_work_queue_by_name(queue, work_pool_name=pool)
+            client.update_work_queue(wq.id, concurrency_limit=WORK_QUEUE_LIMIT)
+        except ObjectNotFound:
+            client.create_work_queue(queue, work_pool_name=pool, concurrency_limit=WORK_QUEUE_LIMIT)
+    typer.echo(f"work queue {pool}/{queue}: concurrency limit {WORK_QUEUE_LIMIT}")
+
+
 @app.command("deploy")
 def deploy(root: Path = RootOpt, params: Optional[Path] = ParamsOpt,
            check: bool = typer.Option(False, "--check", help="exit 1 if prefect.yaml differs from params.yaml"),
@@ -79,6 +96,7 @@ def deploy(root: Path = RootOpt, params: Optional[Path] = ParamsOpt,
                             env={**os.environ, "PREFECT_API_URL": api}, capture_output=True).returncode == 0
     if not exists:
         _prefect(["work-pool", "create", pool, "--type", "process"], api, ctx.ws.root)
+    _one_run_at_a_time(api, pool, ctx.params.schedule.work_queue)
     _prefect(["--no-prompt", "deploy", "--all", "--prefect-file", str(target)], api, ctx.ws.root)
     typer.echo(f"deployments registered on {api}; start a worker: mmkd worker")
 

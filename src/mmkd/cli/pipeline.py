@@ -28,15 +28,21 @@ def stage(name: str = typer.Argument(..., help="curate|validate|teachers|cache_f
     if name not in PIPELINE:
         typer.echo(f"unknown stage '{name}'; stages: {', '.join(PIPELINE)}", err=True)
         raise typer.Exit(2)
-    ctx = _context(root, params, profile)
-    if name == "cache_features" and ctx.params.features.executor == "dask":
-        from tasks.cache_features import (
-            cache_features,  # units on a Dask cluster through Prefect's task runner
-        )
+    from mmkd.workspace_lock import WorkspaceBusy
 
-        result = cache_features(str(ctx.ws.root), str(ctx.params_path), ctx.params.profile, ctx.parent_run_id)
-    else:
-        result = run_step(name, ctx)
+    ctx = _context(root, params, profile)
+    try:
+        if name == "cache_features" and ctx.params.features.executor == "dask":
+            from tasks.cache_features import (
+                cache_features,  # units on a Dask cluster through Prefect's task runner
+            )
+
+            result = cache_features(str(ctx.ws.root), str(ctx.params_path), ctx.params.profile, ctx.parent_run_id)
+        else:
+            result = run_step(name, ctx)
+    except WorkspaceBusy as exc:  # another run writes the workspace: nothing was done, try again later
+        typer.echo(f"mmkd stage {name}: {exc}", err=True)
+        raise typer.Exit(75)  # EX_TEMPFAIL
     typer.echo(json.dumps({"step": name, "seconds": result["seconds"], "run_id": result["run_id"]}))
 
 
@@ -91,7 +97,13 @@ def run(profile: Optional[str] = ProfileOpt, root: Path = RootOpt, params: Optio
         retrain,  # flows/ and tasks/ are installed beside mmkd (pyproject.toml)
     )
 
-    result = retrain(profile=ctx.params.profile, root=str(ctx.ws.root), params_path=str(ctx.params_path))
+    from mmkd.workspace_lock import WorkspaceBusy
+
+    try:
+        result = retrain(profile=ctx.params.profile, root=str(ctx.ws.root), params_path=str(ctx.params_path))
+    except WorkspaceBusy as exc:  # another run writes the workspace: nothing was done, try again later
+        typer.echo(f"mmkd run: {exc}", err=True)
+        raise typer.Exit(75)  # EX_TEMPFAIL
     ws = ctx.ws
     typer.echo("\n" + ws.leaderboard.read_text())
     typer.echo(f"metrics:      {ws.metrics}\nleaderboard:  {ws.leaderboard}\nData Docs:    {ws.reports / 'data_docs' / 'index.html'}")

@@ -6,29 +6,9 @@ import re
 import unicodedata
 
 from mmkd.config import MODALITIES
+from mmkd.data.deid import deidentify
 
 UNKNOWN = "unknown"
-
-# (kind, pattern, replacement). Order matters: e-mails before names, record numbers before bare digit runs.
-_MONTH = r"(?:Jan|Feb|Mar|Apr|May|Jun|Jul|Aug|Sep|Sept|Oct|Nov|Dec)[a-z]*\.?"
-SCRUBBERS: list[tuple[str, re.Pattern, str]] = [
-    ("email", re.compile(r"\b[\w.+-]+@[\w-]+(?:\.[\w-]+)+\b"), "[EMAIL]"),
-    ("record_number", re.compile(
-        r"\b(MRN|medical record(?: number| no\.?)?|record (?:number|no\.?)|patient (?:id|number|no\.?)|"
-        r"accession(?: number| no\.?)?|case (?:number|no\.?)|hospital (?:number|no\.?)|ID)\s*[:#]?\s*"
-        r"(?=[A-Z0-9-]*\d)[A-Z0-9][A-Z0-9-]{3,}\b", re.IGNORECASE), r"\1 [ID]"),
-    ("ssn", re.compile(r"\b\d{3}-\d{2}-\d{4}\b"), "[ID]"),
-    ("phone", re.compile(r"(?<![\w-])(?:\+\d{1,3}[\s.-]?)?(?:\(\d{2,4}\)\s?|\d{3}[\s.-])\d{3}[\s.-]\d{4}\b"),
-     "[PHONE]"),
-    ("date", re.compile(
-        r"\b(?:\d{4}-\d{2}-\d{2}|\d{1,2}[/.-]\d{1,2}[/.-]\d{2,4}|" + _MONTH + r"\s+\d{1,2}(?:st|nd|rd|th)?,?\s+\d{4}|"
-        r"\d{1,2}(?:st|nd|rd|th)?\s+" + _MONTH + r",?\s+\d{4})\b", re.IGNORECASE), "[DATE]"),
-    ("name", re.compile(r"\b(?:Dr|Mr|Mrs|Ms|Miss|Prof|Doctor)\.?\s+[A-Z][a-zA-Z'-]+(?:\s+[A-Z][a-zA-Z'-]+)?"),
-     "[NAME]"),
-    ("name", re.compile(r"\b(patient(?: name)?|name)\s*:\s*[A-Z][a-zA-Z'-]+(?:\s+[A-Z][a-zA-Z'-]+){0,2}",
-                        re.IGNORECASE), r"\1: [NAME]"),
-    ("long_number", re.compile(r"\b\d{7,}\b"), "[ID]"),
-]
 
 
 def normalise_caption(text: str) -> str:
@@ -39,13 +19,10 @@ def normalise_caption(text: str) -> str:
 
 
 def scrub(text: str) -> tuple[str, dict[str, int]]:
-    """Replace identifiers with [KIND] placeholders; returns the text and how many of each kind were removed."""
-    counts: dict[str, int] = {}
-    for kind, pattern, repl in SCRUBBERS:
-        text, n = pattern.subn(repl, text)
-        if n:
-            counts[kind] = counts.get(kind, 0) + n
-    return text, counts
+    """Replace identifiers with [KIND] placeholders; returns the text and how many of each kind were removed.
+
+    The rules and lexicons live in mmkd.data.deid (every Safe Harbor kind that occurs in captions)."""
+    return deidentify(text)
 
 
 ALIASES = {

@@ -1,13 +1,17 @@
 """Owns the curated store: WebDataset tar shards + manifest, per-shard decoded views; the only code writing them.
 
-Layout of artifacts/curated/:
+Layout of artifacts/curated/ (one generation: each run builds the next one beside it and swaps it in whole,
+see mmkd.data.generation; files a run keeps are hard links shared with the previous generation):
   shards/<split>-NNNNN.tar    `<key>.png|jpg`, `<key>.txt`, `<key>.json` (open_clip_train reads these directly)
+  shards/sizes.json           rows per shard (open_clip_train's convention)
   decoded/<S>/<split>-NNNNN.npy  uint8 [n, S, S, 3] per size S of curate.decoded_sizes: the fast path models read
   thumbs/<split>-NNNNN.npy    uint8 [n, 32, 32] grayscale thumbnails: near-duplicate state for incremental runs
   manifest.jsonl              one line per kept record: provenance, shard, row, byte offset, hashes
   quarantine.jsonl            one line per refused record: source, line, reason, the raw record
   summary.json                counts, and the configuration fingerprint that decides reuse
+  checksums.json              size, rows and blake2b of every other file (mmkd.data.checksums), written last
 Keys are content hashes of the decoded pixels. Shards are never rewritten: new records go to new shards.
+Readers check the cheap part (files exist, sizes and row counts agree) on every open; verify_store hashes.
 """
 
 from __future__ import annotations
@@ -23,6 +27,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from mmkd.data import checksums
+from mmkd.data.generation import resolve
 from mmkd.data.imaging import square_view
 from mmkd.data.index import THUMB
 from mmkd.data.manifest import read_manifest
@@ -38,9 +44,10 @@ class NpyAppender:
 
     HEADER = 128
 
-    def __init__(self, path: Path, row_shape: tuple[int, ...]):
-        self.path, self.row_shape, self.n = Path(path), tuple(row_shape), 0
+    def __init__(self, path: Path, row_shape: tuple[int, ...], durable: bool = True):
+        self.path, self.row_shape, self.n, self.durable = Path(path), tuple(row_shape), 0, durable
         self.fh = open(self.path, "wb")
+        self.hash = checksums.hasher()  # of the rows: the header changes at close (see mmkd.data.checksums)
         self._header()
 
     def _header(self) -> None:
@@ -50,13 +57,21 @@ class NpyAppender:
         self.fh.write(b"\x93NUMPY\x01\x00" + struct.pack("<H", self.HEADER - 10) + body + b" " * pad + b"\n")
 
     def append(self, row: np.ndarray) -> None:
-        self.fh.write(np.ascontiguousarray(row, np.uint8).tobytes())
+        data = np.ascontiguousarray(row, np.uint8).tobytes()
+        self.fh.write(data)
+        self.hash.update(data)
         self.n += 1
 
-    def close(self) -> None:
+    def close(self) -> dict:
+        """Finish the file (flushed to disk) and return its checksums entry."""
         self.fh.seek(0)
         self._header()
+        size = self.fh.seek(0, os.SEEK_END)
+        self.fh.flush()
+        if self.durable:
+            os.fsync(self.fh.fileno())
         self.fh.close()
+        return {"size": size, "rows": self.n, "blake2b": self.hash.hexdigest(), "hashed_from": self.HEADER}
 
 
 def tar_member(name: str, data: bytes) -> bytes:
@@ -76,11 +91,13 @@ def sample_members(key: str, payload: bytes, ext: str, caption: str) -> tuple[by
 class ShardWriter:
     """Writes one split's shards, rolling over at a byte or record bound; names are <split>-NNNNN."""
 
-    def __init__(self, root: Path, split: str, start: int, max_bytes: int, max_records: int, sizes: list[int]):
-        self.root, self.split, self.index = Path(root), split, start
+    def __init__(self, root: Path, split: str, start: int, max_bytes: int, max_records: int, sizes: list[int],
+                 durable: bool = True):
+        self.root, self.split, self.index, self.durable = Path(root), split, start, durable
         self.max_bytes, self.max_records, self.sizes = max_bytes, max_records, sizes
         self.tar = None
         self.written: list[str] = []
+        self.checksums: dict[str, dict] = {}  # relative path -> checksums.json entry, of every closed shard file
 
     @property
     def name(self) -> str:
@@ -91,10 +108,11 @@ class ShardWriter:
             (self.root / sub).mkdir(parents=True, exist_ok=True)
         self.tmp = self.root / "shards" / f"{self.name}.tar.tmp"
         self.tar = open(self.tmp, "wb")
+        self.tar_hash = checksums.hasher()
         self.offset = self.rows = 0
-        self.views = {s: NpyAppender(self.root / "decoded" / str(s) / f"{self.name}.npy.tmp", (s, s, 3))
+        self.views = {s: NpyAppender(self.root / "decoded" / str(s) / f"{self.name}.npy.tmp", (s, s, 3), self.durable)
                       for s in self.sizes}
-        self.thumbs = NpyAppender(self.root / "thumbs" / f"{self.name}.npy.tmp", (THUMB, THUMB))
+        self.thumbs = NpyAppender(self.root / "thumbs" / f"{self.name}.npy.tmp", (THUMB, THUMB), self.durable)
 
     def add(self, key: str, members: bytes, image_at: int, size: int, ext: str, meta: dict, views: dict, thumb) -> dict:
         """Append one sample: its prebuilt image+caption members (sample_members), then its metadata member."""
@@ -102,6 +120,7 @@ class ShardWriter:
             self._open()
         blob = members + tar_member(f"{key}.json", json.dumps(meta, sort_keys=True).encode("utf-8"))
         self.tar.write(blob)
+        self.tar_hash.update(blob)
         loc = {"shard": self.name, "row": self.rows, "offset": self.offset + image_at, "size": size, "ext": ext}
         self.offset += len(blob)
         for s, appender in self.views.items():
@@ -116,14 +135,25 @@ class ShardWriter:
         if self.tar is None:
             return
         end = self.offset + 2 * 512  # two zero blocks end the archive; tar pads to 10 KiB records, as tarfile does
-        self.tar.write(b"\0" * (end - self.offset + (-end % tarfile.RECORDSIZE)))
+        pad = b"\0" * (end - self.offset + (-end % tarfile.RECORDSIZE))
+        self.tar.write(pad)
+        self.tar_hash.update(pad)
+        self.tar.flush()
+        if self.durable:
+            os.fsync(self.tar.fileno())  # the generation is switched in after this: its bytes must be on disk first
         self.tar.close()
         for appender in (*self.views.values(), self.thumbs):
-            appender.close()
+            self.checksums[self._rel(appender.path)] = appender.close()
             os.replace(appender.path, appender.path.with_suffix(""))  # drop .tmp: visible only when whole
         os.replace(self.tmp, self.tmp.with_suffix(""))
+        self.checksums[self._rel(self.tmp)] = {"size": self.offset + len(pad), "rows": self.rows,
+                                               "blake2b": self.tar_hash.hexdigest()}
         self.written.append(self.name)
         self.tar, self.index = None, self.index + 1
+
+
+    def _rel(self, tmp: Path) -> str:
+        return tmp.with_suffix("").relative_to(self.root).as_posix()
 
 
 def shard_numbers(curated_dir: Path, split: str) -> list[int]:
@@ -137,7 +167,7 @@ def remove_unlisted(curated_dir: Path, listed: set[str]) -> list[str]:
         for p in (Path(curated_dir) / sub).glob(pattern):
             if p.name.split(".")[0] not in listed or p.name.endswith(".tmp"):
                 p.unlink()
-                gone.append(p.name)
+                gone.append(p.relative_to(curated_dir).as_posix())
     return gone
 
 
@@ -214,14 +244,19 @@ class ShardImages(SplitImages):
         self.records = records
         self.starts = np.array([0, len(records)])
         self.shape = (len(records), size, size, 3)
+        # opened now, like the memory-mapped views: a later curation run switching in a new generation (whose
+        # shards may reuse these names) cannot change what this object reads
+        self.fds = {s: os.open(self.dir / "shards" / f"{s}.tar", os.O_RDONLY) for s in {r["shard"] for r in records}}
+
+    def __del__(self):
+        for fd in getattr(self, "fds", {}).values():
+            os.close(fd)
 
     def fetch(self, part: int, rows: np.ndarray) -> np.ndarray:
         out = np.empty((len(rows), self.size, self.size, 3), np.uint8)
         for i, r in enumerate(rows):
             rec = self.records[int(r)]
-            with open(self.dir / "shards" / f"{rec['shard']}.tar", "rb") as fh:
-                fh.seek(rec["offset"])
-                data = fh.read(rec["size"])
+            data = os.pread(self.fds[rec["shard"]], rec["size"], rec["offset"])
             with Image.open(io.BytesIO(data)) as im:
                 out[i] = square_view(np.asarray(im.convert("RGB")), self.size)
         return out
@@ -230,9 +265,14 @@ class ShardImages(SplitImages):
 def split_records(curated_dir: Path, split: str, fields: tuple[str, ...] | None = None) -> list[dict]:
     """Records of one split in shard order; `fields` keeps only those keys (plus shard and row), so a consumer
     of a large corpus holds a few small values per record rather than the whole manifest."""
-    path = Path(curated_dir) / "manifest.jsonl"
+    curated_dir = resolve(curated_dir)
+    path = curated_dir / "manifest.jsonl"
     if not path.exists():
         read_manifest(path)  # raises the manifest-not-found error
+    want = (checksums.load(curated_dir) or {}).get("manifest.jsonl")
+    if want is not None and path.stat().st_size != want["size"]:
+        raise CurationError(f"{path}: {path.stat().st_size} bytes, {checksums.NAME} says {want['size']}: the "
+                            "store is damaged; run `mmkd verify`, then curate again")
     keep = None if fields is None else {*fields, "shard", "row"}
     records = []
     with open(path, encoding="utf-8") as fh:  # streamed: other splits' lines are never all in memory
@@ -255,22 +295,39 @@ def load_curated(curated_dir: Path, split: str, size: int | None = None, fields:
 def open_images(curated_dir: Path, records: list[dict], size: int | None = None) -> SplitImages:
     """The images of one split's records (from split_records) at `size` px. They come from the decoded views,
     memory-mapped, when curation wrote that size (size None: the first of curate.decoded_sizes), else from
-    the shards."""
-    curated_dir = Path(curated_dir)
+    the shards. Raises CurationError naming the shard when a file is missing, or its size or rows disagree with
+    checksums.json and the manifest."""
+    curated_dir = resolve(curated_dir)
     summary = json.loads((curated_dir / "summary.json").read_text())
     decoded = summary.get("decoded_sizes") or []
     if size is None:
         if not decoded:
             raise CurationError(f"{curated_dir}: no decoded views (curate.decoded_sizes is empty); pass a size")
         size = decoded[0]
-    if size not in decoded:
-        return ShardImages(curated_dir, records, size)
-    parts, counts = [], {}
-    for r in records:
+    counts: dict[str, int] = {}
+    for r in records:  # records come sorted by (shard, row): row i of a shard is its i-th record
+        if r["row"] != counts.get(r["shard"], 0):
+            raise CurationError(f"{curated_dir}: shard {r['shard']}: manifest row {r['row']} where row "
+                                f"{counts.get(r['shard'], 0)} was expected (records not from split_records, or a "
+                                "damaged manifest)")
         counts[r["shard"]] = counts.get(r["shard"], 0) + 1
-    for shard, n in counts.items():
-        view = np.load(curated_dir / "decoded" / str(size) / f"{shard}.npy", mmap_mode="r")
-        if len(view) != n:
-            raise CurationError(f"{curated_dir}: shard {shard} has {len(view)} decoded rows, manifest {n}")
-        parts.append(view)
-    return SplitImages(parts)
+    views = size in decoded
+    problems = checksums.cheap_problems(curated_dir, counts, [size] if views else [], checksums.load(curated_dir),
+                                        (f"decoded {size}",) if views else ("tar",))
+    if problems:
+        raise CurationError(f"{curated_dir}: {'; '.join(problems[:5])}: the store is damaged; run `mmkd verify`, "
+                            "then curate again")
+    if not views:
+        return ShardImages(curated_dir, records, size)
+    return SplitImages([np.load(curated_dir / "decoded" / str(size) / f"{shard}.npy", mmap_mode="r")
+                        for shard in counts])
+
+
+def verify_store(curated_dir: Path) -> list[str]:
+    """Every problem of the curated store, each naming its file: missing or unlisted files, size and blake2b
+    mismatches against checksums.json, .npy headers, manifest rows past a shard's rows or bytes, decoded and
+    thumbnail rows per shard against the manifest, shards/sizes.json. Empty: the store is whole. Reads every byte."""
+    curated_dir = resolve(curated_dir)
+    if not curated_dir.is_dir():
+        return [f"{curated_dir}: no curated store"]
+    return [f"{curated_dir}: {p}" for p in checksums.verify(curated_dir)]

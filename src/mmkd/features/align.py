@@ -70,10 +70,10 @@ def align(raw_root: Path, sets: list[tuple[str, str]], train_keys: np.ndarray, o
     for t, v in sets:
         version = f"{v}-{phash}"
         out.register_set(t, version, latent, dtype, {"raw_version": v, "projector": phash})
-        for (unit,) in raw.db.execute("SELECT unit FROM shards WHERE teacher=? AND version=? ORDER BY id", (t, v)):
-            prefix = raw.root / "shards" / t / v / unit
-            keys = np.load(f"{prefix}.keys.npy")
-            img_in, txt_in = np.load(f"{prefix}.image.npy", mmap_mode="r"), np.load(f"{prefix}.text.npy", mmap_mode="r")
+        shards = raw.db.execute("SELECT id, unit FROM shards WHERE teacher=? AND version=? ORDER BY id", (t, v))
+        for sid, unit in shards.fetchall():
+            img_in, txt_in = raw.arrays(sid)  # checked (sums, keys) on first open: a damaged shard is refused
+            keys = raw.shard_keys(sid)
             img = np.concatenate([model.project(t, torch.from_numpy(np.array(img_in[i : i + chunk], np.float32))).numpy()
                                   for i in range(0, len(keys), chunk)])
             txt = np.concatenate([model.project(t, torch.from_numpy(np.array(txt_in[i : i + chunk], np.float32))).numpy()

@@ -23,6 +23,7 @@ from typing import Callable, Iterator
 import numpy as np
 from PIL import Image
 
+from mmkd import atomic
 from mmkd.config import FeaturesCfg
 from mmkd.features.store import FeatureError, FeatureStore, ShardWriter
 from mmkd.models.encoder import Encoder
@@ -71,6 +72,7 @@ def plan_units(curated_dir: Path, store: FeatureStore, teachers: list[TeacherEnt
     """Write one plan file per unit that has work; returns their paths (old plans are replaced)."""
     plans = store.root / "plans"
     plans.mkdir(parents=True, exist_ok=True)
+    atomic.remove_stale_temps(plans)  # a plan a killed run was writing
     for old in plans.glob("*.json"):
         old.unlink()
     out = []
@@ -90,8 +92,9 @@ def plan_units(curated_dir: Path, store: FeatureStore, teachers: list[TeacherEnt
                                            sort_keys=True).encode()).hexdigest()[:10]
         unit = f"u{start:09d}-{digest}"
         path = plans / f"{unit}.json"
-        path.write_text(json.dumps({"unit": unit, "records": records, "need": need,
-                                    "versions": {t.name: t.version for t in teachers}}))
+        # whole or absent (a unit may run in another process); not fsynced: a lost plan is re-planned
+        atomic.write_json(path, {"unit": unit, "records": records, "need": need,
+                                 "versions": {t.name: t.version for t in teachers}}, durable=False, indent=None)
         out.append(path)
     return out
 

@@ -2,120 +2,46 @@
 
 Layout of a store folder (artifacts/features/teachers for raw teacher features, .../aligned for projections):
   index.sqlite                       sets(teacher, version, dim, dtype, meta), shards(id, teacher, version, unit,
-                                     rows), rows(teacher, version, key -> shard, row)
+                                     rows, sums), rows(teacher, version, key -> shard, row)
   shards/<teacher>/<version>/<unit>.image.npy   [n, dim] L2-normalised image embeddings (float16 or float32)
   shards/<teacher>/<version>/<unit>.text.npy    [n, dim] caption embeddings, same rows
+  shards/<teacher>/<version>/<unit>.sums.json   size and sha256 of the three files, as the writer wrote them
   shards/<teacher>/<version>/<unit>.keys.npy    [n] the samples' content hashes (the curated `key`), written last
-A shard becomes visible only when whole: its three files are written under .tmp names and renamed, keys last;
-its rows enter the index in one transaction afterwards. A kill in between leaves a complete shard the index
-does not list yet; `adopt` commits it on the next run. Rows are keyed by (content hash, teacher, version), so
-a re-curated corpus or a retrained teacher never reads stale features.
+A shard becomes visible only when whole: its files are written under .tmp names and renamed, keys last;
+its rows and checksums enter the index in one transaction afterwards. A kill in between leaves a complete shard
+the index does not list yet; `adopt` checks it against its sums and commits it on the next run. Rows are keyed
+by (content hash, teacher, version), so a re-curated corpus or a retrained teacher never reads stale features.
+A shard is checked when this process first opens it (`arrays`): sizes, headers and sha256 against the index,
+and keys.npy against the index's rows; a flipped byte or a truncated file is a FeatureError naming the file.
+`verify` checks every shard of the store whatever this process has already checked (checks.py).
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import mmap
-import os
 import sqlite3
 from pathlib import Path
 
 import numpy as np
 
-KEY_DTYPE = "S32"  # the curated content hash: 32 hex characters
-DTYPES = {"float16": np.float16, "float32": np.float32}
+from mmkd.features.checks import (FeatureError, KEY_DTYPE, add_checksums, check_keys, check_shard,  # noqa: F401
+                                  read_sums, set_digest, sums_of_files)
+from mmkd.features.shards import DTYPES, ShardWriter, validate_rows, write_shard  # noqa: F401 (the store's API)
+from mmkd.features.reader import TeacherFeatures  # noqa: F401 (the store's API)
 
-
-class FeatureError(RuntimeError):
-    """Bad features (NaN/inf, wrong dimension), or the store lacks what a step needs; names the sample/teacher."""
-
-
-def validate_rows(teacher: str, kind: str, arr: np.ndarray, dim: int, keys: np.ndarray, ids=None) -> None:
-    """Reject non-finite or wrong-dimension features, naming the first bad sample."""
-    if arr.ndim != 2 or arr.shape[1] != dim:
-        raise FeatureError(f"teacher '{teacher}': {kind} features have shape {tuple(arr.shape)}, expected "
-                           f"[n, {dim}] (the teacher's embedding dim)")
-    bad = ~np.isfinite(arr).all(axis=1)
-    if bad.any():
-        i = int(np.flatnonzero(bad)[0])
-        who = f"sample '{ids[i]}' (key {keys[i].decode()})" if ids is not None else f"key {keys[i].decode()}"
-        raise FeatureError(f"teacher '{teacher}': {kind} features of {who} are not finite "
-                           f"({int(bad.sum())} bad rows in this shard)")
-
-
-class ShardWriter:
-    """Streams one shard to disk batch by batch (memory stays one batch whatever the shard size): rows go to
-    .tmp files whose .npy headers already hold the final row count; close() renames them, keys last."""
-
-    def __init__(self, root: Path, teacher: str, version: str, unit: str, rows: int, dim: int, dtype: str):
-        self.teacher, self.dim, self.rows, self.dtype = teacher, dim, rows, np.dtype(DTYPES[dtype])
-        folder = Path(root) / "shards" / teacher / version
-        folder.mkdir(parents=True, exist_ok=True)
-        self.prefix = folder / unit
-        self.keys: list[bytes] = []
-        self.files = {}
-        for kind in ("image", "text"):
-            fh = open(self._tmp(kind), "wb")
-            np.lib.format.write_array_header_1_0(fh, {"descr": np.lib.format.dtype_to_descr(self.dtype),
-                                                      "fortran_order": False, "shape": (rows, dim)})
-            self.files[kind] = fh
-
-    def _tmp(self, kind: str) -> Path:
-        return Path(f"{self.prefix}.{kind}.npy.tmp")
-
-    def append(self, keys, image: np.ndarray, text: np.ndarray, ids=None) -> None:
-        keys = np.asarray(keys, dtype=KEY_DTYPE)
-        if not (len(keys) == len(image) == len(text)):
-            raise FeatureError(f"teacher '{self.teacher}': a batch of {len(keys)} keys has {len(image)} image and "
-                               f"{len(text)} text rows")
-        validate_rows(self.teacher, "image", image, self.dim, keys, ids)
-        validate_rows(self.teacher, "text", text, self.dim, keys, ids)
-        if len(self.keys) + len(keys) > self.rows:
-            raise FeatureError(f"teacher '{self.teacher}': shard {self.prefix.name} planned for {self.rows} rows")
-        self.files["image"].write(np.ascontiguousarray(image, self.dtype).tobytes())
-        self.files["text"].write(np.ascontiguousarray(text, self.dtype).tobytes())
-        self.keys.extend(keys.tolist())
-
-    def close(self) -> Path:
-        if len(self.keys) != self.rows:
-            self.abort()
-            raise FeatureError(f"teacher '{self.teacher}': shard {self.prefix.name} got {len(self.keys)} of "
-                               f"{self.rows} planned rows")
-        for fh in self.files.values():
-            fh.flush()
-            os.fsync(fh.fileno())
-            fh.close()
-        with open(self._tmp("keys"), "wb") as fh:
-            np.save(fh, np.array(self.keys, dtype=KEY_DTYPE))
-            fh.flush()
-            os.fsync(fh.fileno())
-        for kind in ("image", "text", "keys"):  # keys last: a shard with keys.npy is whole
-            os.replace(self._tmp(kind), Path(f"{self.prefix}.{kind}.npy"))
-        return self.prefix
-
-    def abort(self) -> None:
-        for fh in self.files.values():
-            fh.close()
-        for kind in ("image", "text", "keys"):
-            self._tmp(kind).unlink(missing_ok=True)
-
-
-def write_shard(root: Path, teacher: str, version: str, unit: str, keys: np.ndarray, image: np.ndarray,
-                text: np.ndarray, dim: int, dtype: str, ids=None) -> Path:
-    """Validate and write one whole shard atomically; returns the path prefix. Not yet in the index (commit)."""
-    writer = ShardWriter(root, teacher, version, unit, len(keys), dim, dtype)
-    try:
-        writer.append(keys, image, text, ids)
-    except BaseException:
-        writer.abort()
-        raise
-    return writer.close()
+log = logging.getLogger("mmkd")
+PARTS = (".image.npy", ".text.npy", ".sums.json")  # a shard's files but keys.npy, which is renamed last
 
 
 class FeatureStore:
-    """One store folder: its SQLite index and shard files. Open with create=True to make it."""
+    """One store folder: its SQLite index and shard files. Open with create=True to make it.
 
-    def __init__(self, root: Path, create: bool = False):
+    hash_on_open: check each shard's sha256 when this process first opens it (else sizes, headers and keys only;
+    `verify` always hashes)."""
+
+    def __init__(self, root: Path, create: bool = False, hash_on_open: bool = True):
         self.root = Path(root)
         if not (self.root / "index.sqlite").exists() and not create:
             raise FeatureError(f"{self.root}: no feature store here (index.sqlite missing); run the step that "
@@ -129,9 +55,16 @@ class FeatureStore:
                                                rows INTEGER, UNIQUE (teacher, version, unit));
             CREATE TABLE IF NOT EXISTS rows (teacher TEXT, version TEXT, key BLOB, shard INTEGER, row INTEGER,
                                              PRIMARY KEY (teacher, version, key)) WITHOUT ROWID;
+            CREATE INDEX IF NOT EXISTS rows_by_shard ON rows (shard, row);
         """)
+        self.hash_on_open = hash_on_open
         self._maps: dict[int, tuple[np.ndarray, np.ndarray]] = {}
         self._mmaps: list[np.memmap] = []
+        if "sums" not in {c[1] for c in self.db.execute("PRAGMA table_info(shards)")}:
+            add_checksums(self.db, self._prefix)
+
+    def _prefix(self, teacher: str, version: str, unit: str) -> Path:
+        return self.root / "shards" / teacher / version / unit
 
     def close(self) -> None:
         self.release()
@@ -172,13 +105,24 @@ class FeatureStore:
             out.update(k.hex() for (k,) in self.db.execute(q, (teacher, version, *chunk)))
         return out
 
-    def commit(self, teacher: str, version: str, unit: str) -> int:
-        """Enter a written shard's rows into the index (idempotent); returns its row count."""
-        prefix = self.root / "shards" / teacher / version / unit
-        keys = np.load(f"{prefix}.keys.npy")
+    def commit(self, teacher: str, version: str, unit: str, hashed: bool = False) -> int:
+        """Enter a written shard's rows and checksums into the index (idempotent); returns its row count. The shard
+        is checked against the writer's sums first (sizes and headers; sha256 too if `hashed`)."""
+        prefix = self._prefix(teacher, version, unit)
+        info = self.set_info(teacher, version)
+        try:
+            keys = np.load(f"{prefix}.keys.npy")
+            sums = read_sums(prefix)
+            if sums is None:  # written before checksums existed: recorded from its bytes, if they check out
+                sums = sums_of_files(prefix, len(keys), info["dim"], info["dtype"])
+        except (ValueError, OSError) as exc:
+            raise FeatureError(f"shard {prefix}: {exc}") from None
+        problems = check_shard(prefix, len(keys), info["dim"], info["dtype"], sums, hashed)
+        if problems:
+            raise FeatureError(f"shard {prefix} cannot be committed: " + "; ".join(problems))
         with self.db:
-            cur = self.db.execute("INSERT OR IGNORE INTO shards (teacher, version, unit, rows) VALUES (?,?,?,?)",
-                                  (teacher, version, unit, len(keys)))
+            cur = self.db.execute("INSERT OR IGNORE INTO shards (teacher, version, unit, rows, sums) VALUES "
+                                  "(?,?,?,?,?)", (teacher, version, unit, len(keys), json.dumps(sums, sort_keys=True)))
             sid = cur.lastrowid if cur.rowcount else self.db.execute(
                 "SELECT id FROM shards WHERE teacher=? AND version=? AND unit=?", (teacher, version, unit)).fetchone()[0]
             self.db.executemany("INSERT OR REPLACE INTO rows VALUES (?,?,?,?,?)",
@@ -186,19 +130,33 @@ class FeatureStore:
         return len(keys)
 
     def adopt(self) -> dict:
-        """After a kill: commit whole shards the index does not list, delete half-written (.tmp) files."""
+        """After a kill: commit whole shards the index does not list (if their bytes match their sums; else they
+        are deleted, and the next plan recomputes their rows), delete half-written files (.tmp, or the files of a
+        shard whose keys.npy never appeared)."""
         listed = {(t, v, u) for t, v, u in self.db.execute("SELECT teacher, version, unit FROM shards")}
         known = {(s["teacher"], s["version"]) for s in self.sets()}
-        adopted, removed = 0, 0
+        adopted, removed, discarded = 0, 0, 0
         for keys_file in sorted((self.root / "shards").glob("*/*/*.keys.npy")):
             teacher, version, unit = keys_file.parent.parent.name, keys_file.parent.name, keys_file.name[:-9]
             if (teacher, version, unit) not in listed and (teacher, version) in known:
-                self.commit(teacher, version, unit)
-                adopted += 1
+                try:
+                    self.commit(teacher, version, unit, hashed=True)
+                    adopted += 1
+                except FeatureError as exc:
+                    log.warning("feature store %s: deleting an uncommitted damaged shard: %s", self.root, exc)
+                    for f in keys_file.parent.glob(f"{unit}.*"):
+                        f.unlink()
+                    discarded += 1
         for tmp in (self.root / "shards").glob("*/*/*.tmp"):
             tmp.unlink()
             removed += 1
-        return {"adopted_shards": adopted, "removed_partial_files": removed}
+        for part in (self.root / "shards").glob("*/*/*"):  # written before keys.npy, which never came
+            unit = next((part.name[: -len(s)] for s in PARTS if part.name.endswith(s)), None)
+            if unit is not None and not (part.parent / f"{unit}.keys.npy").exists():
+                part.unlink()
+                removed += 1
+        out = {"adopted_shards": adopted, "removed_partial_files": removed}
+        return {**out, "discarded_shards": discarded} if discarded else out
 
     def prune(self, keep: set[tuple[str, str]]) -> list[str]:
         """Drop feature sets not in `keep` (a retrained teacher's old version), files and index rows."""
@@ -240,11 +198,42 @@ class FeatureStore:
             row[order[pos[hit]]] = vals[hit, 1]
         return shard, row
 
+    def _shard(self, shard_id: int) -> tuple[str, str, str, int, dict | None]:
+        row = self.db.execute("SELECT teacher, version, unit, rows, sums FROM shards WHERE id=?",
+                              (int(shard_id),)).fetchone()
+        if row is None:
+            raise FeatureError(f"{self.root}: the index lists rows of shard {shard_id}, but no such shard")
+        t, v, u, n, sums = row
+        return t, v, u, n, json.loads(sums) if sums else None
+
+    def check(self, shard_id: int, hashed: bool = True) -> list[str]:
+        """What is wrong with one shard: its files against the index's sums (sha256 if `hashed`), and keys.npy
+        against the index's rows (count and content); each problem names the file."""
+        t, v, u, n, sums = self._shard(shard_id)
+        info = self.set_info(t, v)
+        prefix = self._prefix(t, v, u)
+        problems = check_shard(prefix, n, info["dim"], info["dtype"], sums, hashed)
+        if problems:
+            return problems
+        rows = self.db.execute("SELECT key, row FROM rows WHERE shard=?", (int(shard_id),))
+        return check_keys(Path(f"{prefix}.keys.npy"), n, rows)
+
+    def shard_keys(self, shard_id: int) -> np.ndarray:
+        """The S32 keys of one shard's rows, once the shard passed its check."""
+        self.arrays(shard_id)
+        t, v, u, _, _ = self._shard(shard_id)
+        return np.load(f"{self._prefix(t, v, u)}.keys.npy")
+
     def arrays(self, shard_id: int) -> tuple[np.ndarray, np.ndarray]:
-        """(image, text) of one shard, memory-mapped read-only."""
+        """(image, text) of one shard, memory-mapped read-only; checked the first time (FeatureError if damaged)."""
         if shard_id not in self._maps:
-            t, v, u = self.db.execute("SELECT teacher, version, unit FROM shards WHERE id=?", (int(shard_id),)).fetchone()
-            prefix = self.root / "shards" / t / v / u
+            problems = self.check(shard_id, self.hash_on_open)
+            t, v, u, _, _ = self._shard(shard_id)
+            if problems:
+                raise FeatureError(f"feature shard {t}@{v}/{u} of {self.root} is damaged: " + "; ".join(problems)
+                                   + ". Its rows must be recomputed: `mmkd verify --repair` drops damaged shards, "
+                                   "then re-run cache_features (raw store) or align (aligned store)")
+            prefix = self._prefix(t, v, u)
             maps = (np.load(f"{prefix}.image.npy", mmap_mode="r"), np.load(f"{prefix}.text.npy", mmap_mode="r"))
             self._mmaps.extend(maps)
             # plain ndarray views of the maps: indexing them skips np.memmap's per-call subclass overhead
@@ -275,6 +264,45 @@ class FeatureStore:
             img[sel], txt[sel] = a_img[r], a_txt[r]
         return img, txt
 
+    # ------------------------------------------------------------------ integrity
+
+    def verify(self) -> list[str]:
+        """Check every shard fully (sha256 of every file, keys against the index) whatever this process already
+        checked; returns the problems, each naming a file ([] if the store is sound)."""
+        from mmkd.features import checks
+
+        checks._VERIFIED.clear()  # verify re-reads every byte: a file may have changed since this process hashed it
+        problems = []
+        for (sid,) in self.db.execute("SELECT id FROM shards ORDER BY id").fetchall():
+            try:
+                problems += self.check(sid, hashed=True)
+            except FeatureError as exc:
+                problems.append(str(exc))
+        for (sid, n) in self.db.execute("SELECT r.shard, COUNT(*) FROM rows r LEFT JOIN shards s ON s.id = r.shard "
+                                        "WHERE s.id IS NULL GROUP BY r.shard"):
+            problems.append(f"{self.root / 'index.sqlite'}: {n} rows point at shard {sid}, which it does not list")
+        return problems
+
+    def damaged(self) -> list[int]:
+        """Ids of the shards that fail their full check."""
+        return [sid for (sid,) in self.db.execute("SELECT id FROM shards ORDER BY id").fetchall() if self.check(sid)]
+
+    def drop_shard(self, shard_id: int) -> str:
+        """Remove one shard (index rows and files): its rows count as missing, so the next run recomputes them."""
+        t, v, u, _, _ = self._shard(shard_id)
+        with self.db:
+            self.db.execute("DELETE FROM rows WHERE shard=?", (int(shard_id),))
+            self.db.execute("DELETE FROM shards WHERE id=?", (int(shard_id),))
+        self._maps.pop(shard_id, None)
+        for f in self._prefix(t, v, u).parent.glob(f"{u}.*"):
+            f.unlink()
+        return f"{t}@{v}/{u}"
+
+    def set_digest(self, teacher: str, version: str) -> str:
+        """A hash of a feature set's checksums: what a training run that reads it is fingerprinted by."""
+        return set_digest([json.loads(x) if x else None for (x,) in self.db.execute(
+            "SELECT sums FROM shards WHERE teacher=? AND version=? ORDER BY unit", (teacher, version))])
+
     # ------------------------------------------------------------------ reporting
 
     def stats(self, keys_by_split: dict[str, np.ndarray] | None = None) -> dict:
@@ -294,54 +322,3 @@ class FeatureStore:
             out["shards"] += n_shards
         out["bytes"] += (self.root / "index.sqlite").stat().st_size
         return out
-
-
-class TeacherFeatures:
-    """Teacher features for a fixed list of samples, read by batch from the store (nothing corpus-sized in RAM
-    but the per-sample locations): `batch(idx)` -> {teacher: (image, text)} and the availability mask."""
-
-    def __init__(self, store: FeatureStore, sets: list[tuple[str, str]], keys: np.ndarray):
-        self.store, self.sets = store, list(sets)
-        self.names = [t for t, _ in self.sets]
-        self.dims = [store.set_info(t, v)["dim"] for t, v in self.sets]
-        located = [store.locate(t, v, keys) for t, v in self.sets]
-        self.shard = np.stack([s for s, _ in located], axis=1)  # [N, T]
-        self.row = np.stack([r for _, r in located], axis=1)
-        self.available = self.shard >= 0  # [N, T]: the per-sample coverage
-        self._reads = 0
-
-    def __len__(self) -> int:
-        return len(self.shard)
-
-    def batch(self, idx: np.ndarray) -> dict[str, tuple[np.ndarray, np.ndarray]]:
-        idx = np.asarray(idx, dtype=np.int64)
-        out = {t: self.store.gather(self.shard[idx, j], self.row[idx, j], d)
-               for j, (t, d) in enumerate(zip(self.names, self.dims))}
-        self._reads += 1
-        if self._reads % 16 == 0:
-            self.store.release()
-        return out
-
-    def stacked(self, idx: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """[B, T, d] image and text (all sets of one dim, e.g. projected) and the [B, T] availability."""
-        if len(set(self.dims)) != 1:
-            raise FeatureError(f"feature sets of different dims {dict(zip(self.names, self.dims))} cannot be stacked")
-        parts = self.batch(idx)
-        img = np.stack([parts[t][0] for t in self.names], axis=1)
-        txt = np.stack([parts[t][1] for t in self.names], axis=1)
-        return img, txt, self.available[np.asarray(idx, dtype=np.int64)]
-
-    def chosen(self, idx: np.ndarray, choice: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """[B, d] image and text of one teacher per sample (choice: column per sample): only those rows are read."""
-        idx, choice = np.asarray(idx, dtype=np.int64), np.asarray(choice, dtype=np.int64)
-        dim = self.dims[0]
-        if len(set(self.dims)) != 1:
-            raise FeatureError(f"feature sets of different dims {dict(zip(self.names, self.dims))}")
-        img, txt = np.zeros((len(idx), dim), np.float32), np.zeros((len(idx), dim), np.float32)
-        for j in np.unique(choice):
-            sel = np.flatnonzero(choice == j)
-            img[sel], txt[sel] = self.store.gather(self.shard[idx[sel], j], self.row[idx[sel], j], dim)
-        self._reads += 1
-        if self._reads % 16 == 0:
-            self.store.release()
-        return img, txt

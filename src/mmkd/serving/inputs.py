@@ -1,8 +1,9 @@
 """Owns user inputs for inference: expanding files and folders, and reading any image through curation's readers.
 
 A PNG/JPEG/TIFF/BMP/WebP (16-bit included), a DICOM (its middle frame) or a NIfTI volume (its middle axial
-slice) becomes the 8-bit RGB curation would have stored for it: the same readers, windowing, limits and
-`max_side` downscale, so the model sees at inference what it saw in training.
+slice) becomes the 8-bit RGB curation would have stored for it: the same readers, windowing and `max_side`
+downscale, so the model sees at inference what it saw in training. Serving's own, smaller limits
+(mmkd.serving.limits, params.yaml `serving`) are checked from the header first.
 """
 
 from __future__ import annotations
@@ -15,16 +16,13 @@ from pathlib import Path
 
 import numpy as np
 
-from mmkd.config import CurateCfg, SourceCfg
+from mmkd.config import CurateCfg, ServingCfg, SourceCfg
 from mmkd.data.imaging import RecordError, fit_side
 from mmkd.data.sources.folder import IMAGE_SUFFIXES
+from mmkd.serving.limits import InputError, TooLarge, check_file, check_payload  # noqa: F401 - re-exported
 
 DICOM_SUFFIXES = {".dcm", ".dicom", ".ima"}
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
-
-
-class InputError(ValueError):
-    """An input that cannot be read; the message names it and says why."""
 
 
 @dataclass
@@ -90,21 +88,37 @@ def expand(args: Iterable[str | Path]) -> tuple[list[Path], list[Skipped]]:
     return files, skipped
 
 
-def read_image(path: str | Path, cfg: CurateCfg | None = None, name: str | None = None) -> np.ndarray:
-    """8-bit RGB (H, W, 3) of one file, as curation reads it; InputError naming the file (or `name`) if it cannot."""
+def _curate_cfg(cfg: CurateCfg | None, limits: ServingCfg) -> CurateCfg:
+    """Curation's readers under serving's limits too: their own checks then agree with the header checks."""
     cfg = cfg or CurateCfg()
+    update = {"max_pixels": min(cfg.max_pixels, limits.max_pixels)}
+    for knob in ("max_file_bytes", "max_inflated_bytes"):  # curation's byte limits, where it has them
+        if knob in CurateCfg.model_fields:
+            update[knob] = min(getattr(cfg, knob), limits.max_image_bytes)
+    return cfg.model_copy(update=update)
+
+
+def read_image(path: str | Path, cfg: CurateCfg | None = None, name: str | None = None,
+               limits: ServingCfg | None = None) -> np.ndarray:
+    """8-bit RGB (H, W, 3) of one file, as curation reads it; InputError naming the file (or `name`) if it cannot,
+    TooLarge (an InputError) if its header is over a serving limit."""
+    limits = limits or ServingCfg()
+    cfg = _curate_cfg(cfg, limits)
     path = Path(path)
     name = name or str(path)
     try:
         with open(path, "rb") as fh:
             head = fh.read(2048)
         kind = kind_of(path, head)
+        check_file(path, kind, limits)
         if kind == "image":
             from mmkd.data.sources.files import decode_bytes
 
             rgb = decode_bytes(path.read_bytes(), cfg)
         else:
             rgb = _read_volume(path, kind, cfg)
+    except InputError as exc:
+        raise type(exc)(f"{name}: {exc}") from None
     except RecordError as exc:
         raise InputError(f"{name}: {exc}") from None
     except OSError as exc:
@@ -117,16 +131,23 @@ def _read_volume(path: Path, kind: str, cfg: CurateCfg) -> np.ndarray:
     from mmkd.data.sources import reader
 
     mod = reader(kind)
-    rec = next(mod.iter_records(SourceCfg(name="input", kind=kind, path=str(path.resolve())), path.parent), None)
+    rec = next(mod.iter_records(SourceCfg(name="input", kind=kind, path=str(path.resolve())), path.parent, cfg), None)
     if rec is None or rec.problem:
         raise RecordError(rec.problem if rec else f"nothing to read in {path.name}")
     return mod.load_pixels(rec, cfg)
 
 
-def decode_bytes(data: bytes, cfg: CurateCfg | None = None, name: str = "input") -> np.ndarray:
-    """read_image for bytes (a request's base64 payload): image formats in memory, DICOM/NIfTI via a temp file."""
-    cfg = cfg or CurateCfg()
+def decode_bytes(data: bytes, cfg: CurateCfg | None = None, name: str = "input",
+                 limits: ServingCfg | None = None) -> np.ndarray:
+    """read_image for bytes (a request's base64 payload): image formats in memory, DICOM/NIfTI via a temp file;
+    the header is checked against the serving limits before anything is decoded or written."""
+    limits = limits or ServingCfg()
+    cfg = _curate_cfg(cfg, limits)
     kind = kind_of(Path(name), data[:2048])
+    try:
+        check_payload(data, kind, limits)
+    except InputError as exc:
+        raise type(exc)(f"{name}: {exc}") from None
     if kind == "image":
         from mmkd.data.sources.files import decode_bytes as decode_image
 
@@ -138,17 +159,17 @@ def decode_bytes(data: bytes, cfg: CurateCfg | None = None, name: str = "input")
     with tempfile.TemporaryDirectory(prefix="mmkd-input-") as tmp:
         path = Path(tmp) / f"{Path(name).name}{suffix}"
         path.write_bytes(data)
-        return read_image(path, cfg, name)
+        return read_image(path, cfg, name, limits)
 
 
-def read_all(args: Iterable[str | Path], cfg: CurateCfg | None = None
+def read_all(args: Iterable[str | Path], cfg: CurateCfg | None = None, limits: ServingCfg | None = None
              ) -> tuple[list[tuple[Path, np.ndarray]], list[Skipped]]:
-    """Every readable input as (path, RGB), and the skipped ones with their reasons."""
+    """Every readable input as (path, RGB), and the skipped ones (unreadable, over a limit) with their reasons."""
     files, skipped = expand(args)
     images = []
     for path in files:
         try:
-            images.append((path, read_image(path, cfg)))
+            images.append((path, read_image(path, cfg, limits=limits)))
         except InputError as exc:
             skipped.append(Skipped(str(path), str(exc).removeprefix(f"{path}: ")))
     return images, skipped

@@ -1,7 +1,8 @@
 """Owns the pipeline steps: each binds params.yaml and the workspace to one library function and logs to MLflow.
 
 One module per step; the CLI (`mmkd stage NAME`), the DVC stages and the Prefect tasks all call `run_step`;
-nothing else runs a step.
+nothing else runs a step. `run_step` holds the workspace lock (one writer per workspace): a flow holds it for the
+whole run, so its steps re-enter it; torchrun's secondary ranks run under rank 0's hold and write nothing.
 """
 
 from __future__ import annotations
@@ -12,7 +13,15 @@ from typing import Callable
 
 from mmkd.steps.align import step_align
 from mmkd.steps.cache_features import step_cache_features
-from mmkd.steps.common import PIPELINE, Context, NullRun, StepRun, is_secondary_rank, seed_everything
+from mmkd.steps.common import (
+    PIPELINE,
+    Context,
+    NullRun,
+    StepRun,
+    hold_workspace,
+    is_secondary_rank,
+    seed_everything,
+)
 from mmkd.steps.curate import step_curate
 from mmkd.steps.distill import step_distill
 from mmkd.steps.evaluate import step_evaluate
@@ -23,7 +32,8 @@ from mmkd.steps.teachers import load_teachers, step_teachers
 from mmkd.steps.validate import step_validate
 from mmkd.tracking.mlflow_runs import data_hash
 
-__all__ = ["PIPELINE", "STEPS", "Context", "run_step", "start_pipeline", "finish_pipeline", "load_teachers"]
+__all__ = ["PIPELINE", "STEPS", "Context", "run_step", "start_pipeline", "finish_pipeline", "load_teachers",
+           "hold_workspace"]
 log = logging.getLogger("mmkd")
 
 STEPS: dict[str, Callable[[Context, StepRun], dict]] = {
@@ -42,12 +52,14 @@ def run_step(name: str, ctx: Context) -> dict:
         t0 = time.perf_counter()
         summary = STEPS[name](ctx, NullRun())
         return {"step": name, "seconds": round(time.perf_counter() - t0, 2), "run_id": None, "summary": summary}
-    tracker = ctx.tracker()
-    t0 = time.perf_counter()
-    with tracker.run(name, ctx.tags(name), ctx.parent_run_id) as run:
-        summary = STEPS[name](ctx, run)
-        seconds = time.perf_counter() - t0
-        run.log_metrics({"step_seconds": seconds})
+    # every step writes under data/, artifacts/ or reports/: one writer per workspace (re-entrant under a flow)
+    with hold_workspace(ctx, f"mmkd stage {name}"):
+        tracker = ctx.tracker()
+        t0 = time.perf_counter()
+        with tracker.run(name, ctx.tags(name), ctx.parent_run_id) as run:
+            summary = STEPS[name](ctx, run)
+            seconds = time.perf_counter() - t0
+            run.log_metrics({"step_seconds": seconds})
     log.info("step %s done in %.1fs", name, seconds)
     return {"step": name, "seconds": round(seconds, 2), "run_id": run.run_id, "summary": summary}
 

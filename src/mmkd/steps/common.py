@@ -1,17 +1,20 @@
-"""Owns what every step shares: the Context (params + workspace + parent run), seeding, device, metric logging."""
+"""Owns what every step shares: the Context (params + workspace + parent run), the workspace lock, seeding, device,
+metric logging."""
 
 from __future__ import annotations
 
 import logging
 import os
 import random
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 import numpy as np
 import torch
 
+from mmkd.atomic import remove_stale_temps
 from mmkd.config import Params, Workspace, load_params
 from mmkd.tracking.mlflow_runs import PARENT_ENV, StepRun, Tracker, data_hash, git_commit
 
@@ -50,6 +53,21 @@ class Context:
         return {"mmkd.step": step, "mmkd.profile": self.params.profile, "mmkd.seed": self.params.seed,
                 "mlflow.source.git.commit": git_commit(self.ws.root),
                 "mmkd.data_hash": data_hash(self.ws.root, self.ws.raw_manifest)}
+
+
+@contextmanager
+def hold_workspace(ctx: Context, command: str) -> Iterator[str]:
+    """Hold the workspace lock (mmkd.workspace_lock) for the block: a flow run, or a step run alone. Whoever takes it
+    first removes the temp files writers killed earlier left in artifacts/ and reports/: no live writer can own
+    them then. Yields how the lock is held: acquired, reentrant or inherited."""
+    from mmkd.workspace_lock import workspace_lock
+
+    with workspace_lock(ctx.ws.root, ctx.params.workspace.lock_wait_s, command) as how:
+        if how == "acquired":
+            stale = [p for d in (ctx.ws.artifacts, ctx.ws.reports) for p in remove_stale_temps(d, recursive=True)]
+            if stale:
+                log.info("removed %d temp file(s) left by killed writers, e.g. %s", len(stale), stale[0])
+        yield how
 
 
 def seed_everything(seed: int, threads: int) -> None:

@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import json
 import logging
-import shutil
+import tempfile
+from pathlib import Path
 
+from mmkd.data.deid import deidentified_quarantine
+from mmkd.data.splits import KEY_ID_FILE, key_id, keyed_token, rekey_needed, workspace_key
 from mmkd.steps.common import Context, StepRun
 
 log = logging.getLogger("mmkd")
@@ -16,20 +19,27 @@ def step_curate(ctx: Context, run: StepRun) -> dict:
 
     p, ws = ctx.params, ctx.ws
     run.log_params({"curate": p.curate.model_dump()})
-    # no wipe: curation is incremental, it reuses what an earlier run with the same store settings wrote
-    summary = curate(ws.data, ws.curated, p.curate)
     tasks = ws.data / "tasks.json"
-    if tasks.exists():
-        shutil.copy(tasks, ws.curated / "tasks.json")
-    else:
+    if not tasks.exists():
         log.warning("curate: %s missing: no zero-shot/probe task definitions for evaluation", tasks)
-        (ws.curated / "tasks.json").write_text("{}")
+    # no wipe: curation is incremental, it reuses what an earlier run with the same store settings wrote; the
+    # task definitions go into the same store generation, so they are switched in with it
+    extra = {"tasks.json": tasks.read_bytes() if tasks.exists() else b"{}"}
+    # group tokens are keyed with the workspace secret (the splits are not); a store under another key is rebuilt
+    key = workspace_key(ws.root)
+    cfg = p.curate.model_copy(update={"group_key": key} | ({"incremental": False} if rekey_needed(ws.curated, key)
+                                                           else {}))
+    extra[KEY_ID_FILE] = key_id(key).encode()
+    summary = curate(ws.data, ws.curated, cfg, extra=extra)
     run.log_metrics({k: summary[k] for k in ("input_records", "kept", "quarantined", "decoded", "reused", "shards",
                                              "unknown_modality")}
                     | {f"kept_{k}": v for k, v in summary["kept_per_split"].items()}
                     | {f"scrubbed_{k}": v for k, v in summary["scrubbed_identifiers"].items()}
                     | {f"quarantined_{k.replace(' ', '_')}": v for k, v in summary["quarantine_reasons"].items()})
-    run.log_artifact(ws.curated / "quarantine.jsonl")
+    # MLflow is readable by every user in team mode: it gets a de-identified copy; the full file stays local
+    with tempfile.TemporaryDirectory(prefix="mmkd-quarantine-") as tmp:
+        run.log_artifact(deidentified_quarantine(ws.curated / "quarantine.jsonl", Path(tmp) / "quarantine.jsonl",
+                                                 keyed_token(key)))
     run.log_artifact(ws.curated / "summary.json")
     if summary["quarantined"]:
         log.warning("curate: %d records quarantined (%s); see %s", summary["quarantined"],

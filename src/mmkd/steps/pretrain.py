@@ -18,7 +18,7 @@ def step_pretrain(ctx: Context, run: StepRun) -> dict:
     start = (lambda model: init_from_clip(model, init.source, tuple(init.towers))) if init else None
     hist = train_clip(p.pretrain.model, images, [r["caption"] for r in records], p.pretrain.train, p.seed,
                       _device(ctx), ws.stage1, "pretrain", _metric_logger(run, "train"), {"stage": 1},
-                      state_dir=ws.train_state("pretrain"), init=start)
+                      state_dir=ws.train_state("pretrain"), init=start, keys=[r["key"] for r in records])
     run.log_metrics({f"final_{k}": v for k, v in hist.items() if isinstance(v, (int, float))})
     run.log_artifact(ws.stage1 / "model.json")
     return hist

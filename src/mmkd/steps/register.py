@@ -23,7 +23,7 @@ def step_register(ctx: Context, run: StepRun) -> dict:
         tracker.uri, run.run_id, ws.student, ws.metrics, cfg.model_name, cfg.metric, cfg.higher_is_better,
         cfg.challenger_alias, cfg.champion_alias,
         metadata={"profile": p.profile, "mean_metrics": metrics.get("student", {}).get("mean")},
-        evaluation=evaluation)
+        evaluation=evaluation, serving=p.serving.model_dump())  # the limits the served model enforces
     # the data the version was trained on (data.dvc's hash): the dashboard's history of champions shows it
     data_version = data_hash(ws.root, ws.raw_manifest)
     tracker.client.set_model_version_tag(cfg.model_name, decision.version, DATA_TAG, data_version)

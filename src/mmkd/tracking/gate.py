@@ -163,7 +163,7 @@ def gate(client: MlflowClient, model_name: str, version: str, score: float, metr
 def register_student(tracking_uri: str, run_id: str, checkpoint: Path, metrics_path: Path, model_name: str,
                      metric: str, higher_is_better: bool = True, challenger_alias: str = "challenger",
                      champion_alias: str = "champion", metadata: dict | None = None,
-                     evaluation: str | None = None) -> Decision:
+                     evaluation: str | None = None, serving: dict | None = None) -> Decision:
     """Log the student checkpoint as a new version of `model_name` (from run `run_id`) and gate it.
 
     The score is read first: a bad metric path fails before any version is created.
@@ -172,7 +172,7 @@ def register_student(tracking_uri: str, run_id: str, checkpoint: Path, metrics_p
 
     score = read_score(metrics_path, metric)
     info = log_student(Path(checkpoint), run_id, tracking_uri, model_name,
-                       {**(metadata or {}), "gate_metric": metric, "gate_score": score})
+                       {**(metadata or {}), "gate_metric": metric, "gate_score": score}, serving=serving)
     client = MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
     return gate(client, model_name, str(info.registered_model_version), score, metric, higher_is_better,
                 challenger_alias, champion_alias, evaluation)

@@ -4,7 +4,10 @@ A state holds everything a run needs to continue exactly where it stopped: model
 every RNG (the loop's generator, torch's global and CUDA generators, numpy, random), the objective's own state
 (e.g. the teacher sampler), the epoch's sample order and the position in it. It is written to a temporary file
 in the same folder, flushed to disk and renamed over `state.pt`, so a kill at any moment leaves either the old
-or the new state, never half of one. Loading uses `torch.load(weights_only=True)`: no pickled code runs.
+or the new state, never half of one; the temp file a killed save left is deleted by the next save or load.
+Loading uses `torch.load(weights_only=True)`: no pickled code runs. A state is resumed only by a run of the same
+fingerprint: config, seed, and the data's content (the curated keys, which hash the decoded pixels, and the
+feature sets' checksums), so a re-curated corpus never continues an old state.
 """
 
 from __future__ import annotations
@@ -18,6 +21,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
+
+from mmkd import atomic
 
 log = logging.getLogger("mmkd")
 STATE_FILE = "state.pt"
@@ -54,21 +59,60 @@ def set_rng_state(state: dict, generator: torch.Generator) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+def data_id(keys) -> str:
+    """A hash of the training data's content: its records' keys (the curated content hashes), in order."""
+    return hashlib.sha256("\n".join(map(str, keys)).encode()).hexdigest()[:16]
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process: alive
+        return True
+    return True
+
+
+def remove_stale_temps(folder: Path) -> list[Path]:
+    """Delete the temp files of saves that were killed: those of a process no longer running (or of this one:
+    saves here are synchronous, so none of its own is under way); a live process's save in progress stays."""
+    gone = []
+    for tmp in Path(folder).glob(f".{STATE_FILE}.*{atomic.TMP_SUFFIX}"):
+        pid = tmp.name[len(STATE_FILE) + 2 : -len(atomic.TMP_SUFFIX)]
+        if pid.isdigit() and int(pid) != os.getpid() and _alive(int(pid)):
+            continue
+        tmp.unlink(missing_ok=True)
+        gone.append(tmp)
+    if gone:
+        log.info("removed %d temp file(s) of killed state saves in %s", len(gone), folder)
+    return gone
+
+
 def save_state(folder: Path, state: dict) -> Path:
-    """Write state atomically as folder/state.pt (temp file + fsync + rename)."""
+    """Write state atomically as folder/state.pt (temp file + fsync + rename), streamed (never all in memory
+    twice)."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
+    remove_stale_temps(folder)
     final = folder / STATE_FILE
-    tmp = folder / f".{STATE_FILE}.{os.getpid()}.tmp"
-    with open(tmp, "wb") as fh:
-        torch.save(state, fh)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, final)
+    tmp = atomic.temp_path(final)
+    try:
+        with open(tmp, "wb") as fh:
+            torch.save(state, fh)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, final)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    atomic.fsync_dir(folder)
     return final
 
 
 def load_state(folder: Path) -> dict | None:
+    if Path(folder).is_dir():
+        remove_stale_temps(folder)
     path = Path(folder) / STATE_FILE
     if not path.exists():
         return None

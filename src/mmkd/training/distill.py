@@ -22,7 +22,7 @@ from mmkd.config import DistillCfg
 from mmkd.data.store import load_curated, split_records
 from mmkd.features.store import FeatureError, FeatureStore, TeacherFeatures
 from mmkd.models.factory import image_spec, load_checkpoint, model_config, save_checkpoint
-from mmkd.training import distributed
+from mmkd.training import checkpoint, distributed
 from mmkd.training.loop import tokenize_all, train
 from mmkd.training.strategies import STRATEGIES, Supervision, TeacherSampler, teacher_quality  # noqa: F401 (re-export)
 
@@ -157,9 +157,16 @@ def distill(stage1_dir: Path, curated_dir: Path, aligned_dir: Path, domains: dic
         raw_store.release()
     objective = kind(sup, cfg, seed, device)
     tokens = tokenize_all(open_clip.get_tokenizer(meta["model"]), [r["caption"] for r in records])
+    # the data's content: the curated keys (hashes of the decoded pixels) and the checksums of every feature set
+    # read, so a re-curated corpus or rewritten features never resume an old state
+    read = [(sup.aligned.store, t, v) for t, v in sup.aligned.sets] if sup.aligned is not None else []
+    if raw_store is not None:
+        read += [(raw_store, t, raw_sets[t]) for t in names]
     fingerprint = {"stage1": _file_hash(Path(stage1_dir) / "model.safetensors"), "teachers": versions,
                    "distill": cfg.model_dump(exclude={"train"}), "domains": domains,
-                   "captions": hashlib.sha256("\n".join(r["caption"] for r in records).encode()).hexdigest()[:16]}
+                   "captions": hashlib.sha256("\n".join(r["caption"] for r in records).encode()).hexdigest()[:16],
+                   "keys": checkpoint.data_id(r["key"] for r in records),
+                   "features": sorted({f"{t}@{v}:{s.set_digest(t, v)}" for s, t, v in read})}
     history = train(model, images, tokens, cfg.train, objective, seed, device, "distill", log, state_dir, fingerprint)
     for store in stores:
         store.close()

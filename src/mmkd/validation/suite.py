@@ -13,8 +13,9 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from mmkd.config import MODALITIES, CurateCfg, ValidateCfg
+from mmkd.config import CurateCfg, ValidateCfg
 from mmkd.data.clean import UNKNOWN
+from mmkd.data.contract import Rule, manifest_rules
 from mmkd.data.splits import SPLITS
 from mmkd.data.manifest import read_manifest
 
@@ -70,18 +71,8 @@ def shard_frame(curated_dir: Path, df: pd.DataFrame) -> pd.DataFrame:
 
 def _expectations(gx, curate: CurateCfg, cfg: ValidateCfg, df: pd.DataFrame):
     E = gx.expectations
-    manifest = [
-        E.ExpectColumnValuesToNotBeNull(column="id"),
-        E.ExpectColumnValuesToBeUnique(column="id"),
-        E.ExpectColumnValuesToBeUnique(column="key"),
-        E.ExpectColumnValueLengthsToBeBetween(column="caption", min_value=cfg.min_caption_chars,
-                                              max_value=cfg.max_caption_chars),
-        E.ExpectColumnValuesToBeInSet(column="modality", value_set=[*MODALITIES, UNKNOWN]),
-        E.ExpectColumnValuesToBeInSet(column="split", value_set=list(SPLITS)),
-        E.ExpectColumnValuesToBeBetween(column="width", min_value=curate.min_side, max_value=curate.max_side),
-        E.ExpectColumnValuesToBeBetween(column="height", min_value=curate.min_side, max_value=curate.max_side),
-        E.ExpectColumnValuesToNotBeNull(column="source"),
-    ]
+    # the per-row rules are curation's contract (mmkd.data.contract): every kept record was checked against them
+    manifest = [_expectation(E, r) for r in manifest_rules(curate)]
     splits = [E.ExpectColumnPairValuesAToBeGreaterThanB(column_A="rows", column_B="min_rows", or_equal=True)]
     modalities = [E.ExpectColumnPairValuesAToBeGreaterThanB(column_A="train_rows", column_B="min_rows", or_equal=True),
                   E.ExpectColumnValuesToBeBetween(column="share", min_value=0.0, max_value=cfg.max_unknown_fraction)]
@@ -94,6 +85,18 @@ def _expectations(gx, curate: CurateCfg, cfg: ValidateCfg, df: pd.DataFrame):
         shards += [E.ExpectColumnPairValuesToBeEqual(column_A="decoded_rows", column_B="manifest_rows"),
                    E.ExpectColumnValuesToBeBetween(column="views", min_value=n, max_value=n)]
     return manifest, splits, modalities, shards
+
+
+def _expectation(E, rule: Rule):
+    if rule.kind == "not_null":
+        return E.ExpectColumnValuesToNotBeNull(column=rule.column)
+    if rule.kind == "unique":
+        return E.ExpectColumnValuesToBeUnique(column=rule.column)
+    if rule.kind == "length":
+        return E.ExpectColumnValueLengthsToBeBetween(column=rule.column, min_value=rule.lo, max_value=rule.hi)
+    if rule.kind == "between":
+        return E.ExpectColumnValuesToBeBetween(column=rule.column, min_value=rule.lo, max_value=rule.hi)
+    return E.ExpectColumnValuesToBeInSet(column=rule.column, value_set=list(rule.values))
 
 
 def validate(curated_dir: Path, curate: CurateCfg, cfg: ValidateCfg, docs_dir: Path, report_path: Path,

@@ -77,7 +77,9 @@ def inside(root: Path, rel: str) -> Path | None:
     return target if target == root or root in target.parents else None
 
 
-def iter_source(spec, data_root: Path) -> Iterator[RawRecord]:
+def iter_source(spec, data_root: Path, limits=None) -> Iterator[RawRecord]:
+    """The source's records; `limits` (a CurateCfg) bounds what listing reads. An error while listing ends the
+    source with a quarantined record naming where it stopped; a missing source root stops the run."""
     root = source_root(spec, data_root)
     if spec.kind == "synthetic" and not (root / "manifest.jsonl").exists():
         raise FileNotFoundError(f"source '{spec.name}' (synthetic): {root / 'manifest.jsonl'} not found; "
@@ -86,8 +88,20 @@ def iter_source(spec, data_root: Path) -> Iterator[RawRecord]:
         return
     if not root.exists() and not any(ch in spec.path for ch in "*?["):
         raise FileNotFoundError(f"source '{spec.name}' ({spec.kind}): {root} does not exist")
-    for rec in reader(spec.kind).iter_records(spec, data_root):
-        rec.licence = rec.licence or spec.licence
-        rec.modality = rec.modality or spec.modality
-        rec.split = rec.split or spec.split
-        yield rec
+    n, last = 0, None
+    try:
+        mod = reader(spec.kind)
+        for rec in (mod.iter_records(spec, data_root) if limits is None else mod.iter_records(spec, data_root, limits)):
+            rec.licence = rec.licence or spec.licence
+            rec.modality = rec.modality or spec.modality
+            rec.split = rec.split or spec.split
+            n, last = n + 1, rec.key
+            yield rec
+    except Exception as exc:  # noqa: BLE001 - a reader bug or an exotic file costs records, not the run
+        # a generator that raised cannot resume: what the source had left is lost to this run, so the record
+        # says where listing stopped; the other sources still follow
+        after = f"after record {n} ('{last}')" if n else "before its first record"
+        yield RawRecord(spec.name, spec.kind, f"<listing failed after record {n}>", last or "",
+                        raw={"source": spec.name, "records_listed": n, "last_key": last},
+                        problem=f"listing failed: source '{spec.name}' ({spec.kind}) stopped {after}: "
+                                f"{type(exc).__name__}: {exc}")

@@ -1,4 +1,8 @@
-"""Owns the DICOM source: one record per chosen frame of each file, decoded and windowed to 8-bit RGB."""
+"""Owns the DICOM source: one record per chosen frame of each file, decoded and windowed to 8-bit RGB.
+
+Every file is read inside the source root, a deflated dataset only after its inflated size was counted
+under max_inflated_bytes, and one unreadable file becomes one quarantined record.
+"""
 
 from __future__ import annotations
 
@@ -10,66 +14,110 @@ import numpy as np
 import pydicom
 from pydicom.datadict import tag_for_keyword
 from pydicom.errors import InvalidDicomError
+from pydicom.filereader import _read_file_meta_info, read_preamble
 from pydicom.multival import MultiValue
 from pydicom.pixels import apply_modality_lut, apply_voi_lut, pixel_array
 from pydicom.sequence import Sequence
+from pydicom.uid import DeflatedExplicitVRLittleEndian
 
 from mmkd.data import imaging
 from mmkd.data.imaging import RecordError, check_size
-from mmkd.data.sources import RawRecord, source_root
+from mmkd.data.sources import RawRecord, inside, source_root
+from mmkd.data.sources.files import contained, inflated_size, limit, sidecar_text
 
 MODALITIES = {"CT": "ct", "MR": "mri", "US": "ultrasound", "SM": "pathology", "OP": "fundus", "OPT": "oct",
               "OCT": "oct", "ES": "endoscopy", **{m: "xray" for m in ("CR", "DX", "MG", "RF", "XA", "RG", "PX")}}
 CAPTION_TAGS = ("Modality", "BodyPartExamined", "StudyDescription", "SeriesDescription")
+_MAX_TAG = 64 * 1024  # bytes of one tag value used in a caption or a record field (larger: left unread)
 # keywords never formatted into a caption, whatever the template asks for (identifying data)
 _PHI = re.compile(r"Name|ID|Date|Time|Birth|Address|Phone|Accession|Institution|Physician|Operator|Comments")
 
 
-def iter_records(spec, data_root: Path) -> Iterator[RawRecord]:
+def iter_records(spec, data_root: Path, limits=None) -> Iterator[RawRecord]:
     root = source_root(spec, data_root)
     if spec.caption_template:
         _format(spec.caption_template, pydicom.Dataset())  # a bad template is a config error: fail early
+    base = root.parent if root.is_file() else root
     files = [root] if root.is_file() else sorted(p for p in root.glob(spec.pattern or "**/*.dcm") if p.is_file())
     for path in files:
-        rel = path.name if path == root else path.relative_to(root).as_posix()
-        yield from _file_records(spec, path, rel)
+        rel = path.relative_to(base).as_posix()
+        try:  # built whole before yielding: a failure leaves no half-listed file
+            recs = _file_records(spec, path, base, rel, limits)
+        except Exception as exc:  # one odd file costs its records, never the listing
+            recs = [RawRecord(spec.name, spec.kind, rel, rel, raw={"path": rel},
+                              problem=f"unreadable DICOM file {rel}: {type(exc).__name__}: {exc}")]
+        yield from recs
 
 
-def _file_records(spec, path: Path, rel: str) -> Iterator[RawRecord]:
+def read_header(path: Path, name: str, limits):
+    """The dataset without pixel data, read under the limits: a deflated dataset is first inflated in bounded
+    pieces and refused past max_inflated_bytes (pydicom inflates it whole); large values stay on disk."""
+    cap = limit(limits, "max_inflated_bytes")
+    with open(path, "rb") as fh:
+        try:
+            read_preamble(fh, False)
+            meta = _read_file_meta_info(fh)
+        except Exception:
+            meta = None  # dcmread below names what is wrong
+        deflated = meta is not None and meta.get("TransferSyntaxUID") == DeflatedExplicitVRLittleEndian
+        if deflated and inflated_size(fh, cap) > cap:
+            raise RecordError(f"deflated DICOM too large: {name} inflates past max_inflated_bytes {cap}")
+    # defer_size leaves huge values on disk; not for a deflated dataset, whose offsets are in the inflated buffer
+    # (pydicom would re-read them from the compressed file): it is in memory anyway, under the cap
+    defer = None if deflated else limit(limits, "max_sidecar_bytes")
+    return pydicom.dcmread(path, stop_before_pixels=True, defer_size=defer)
+
+
+def _frame_count(ds, rel: str) -> int:
+    value = _tag(ds, "NumberOfFrames") or "1"
+    try:
+        n = int(float(value))
+    except ValueError:
+        raise RecordError(f"bad NumberOfFrames {value[:40]!r} in DICOM file {rel} (not a number)") from None
+    if n < 1:
+        raise RecordError(f"bad NumberOfFrames {n} in DICOM file {rel}")
+    return n
+
+
+def _file_records(spec, path: Path, base: Path, rel: str, limits) -> list[RawRecord]:
     rec = RawRecord(spec.name, spec.kind, rel, rel, raw={"path": rel})
     try:
-        ds = pydicom.dcmread(path, stop_before_pixels=True)
+        if inside(base, rel) is None:  # a symlink pointing outside the root
+            raise RecordError(f"path escapes the source root: {rel}")
+        ds = read_header(path, rel, limits)
+        if "Rows" not in ds or "Columns" not in ds:
+            raise RecordError(f"no image in DICOM file {rel}: no Rows/Columns (Modality {_tag(ds, 'Modality') or '?'}; "
+                              "a non-image object or a truncated header)")
+        tags = {t: _tag(ds, t) for t in (*CAPTION_TAGS, "PhotometricInterpretation", "Rows", "Columns")}
+        tags["TransferSyntaxUID"] = str(ds.file_meta.get("TransferSyntaxUID", ""))
+        rec.raw["tags"] = tags
+        n = _frame_count(ds, rel)
+    except RecordError as exc:
+        rec.problem = str(exc)
     except InvalidDicomError:
         rec.problem = f"not a DICOM file: {rel} (no DICM prefix / file meta header)"
     except Exception as exc:  # truncated or garbled header
         rec.problem = f"unreadable DICOM header: {rel}: {type(exc).__name__}: {exc}"
-    else:
-        if "Rows" not in ds or "Columns" not in ds:
-            rec.problem = (f"no image in DICOM file {rel}: no Rows/Columns (Modality {ds.get('Modality', '?')}; "
-                           "a non-image object or a truncated header)")
     if rec.problem:
-        yield rec
-        return
-    tags = {t: str(ds.get(t, "")) for t in (*CAPTION_TAGS, "PhotometricInterpretation", "Rows", "Columns")}
-    tags["TransferSyntaxUID"] = str(ds.file_meta.get("TransferSyntaxUID", ""))
-    n = int(ds.get("NumberOfFrames") or 1)
+        return [rec]
     frames, bad = _frames(spec, n)
     if bad:
         rec.problem = f"frame indices {bad} out of range for {rel} ({n} frames)"
-        rec.raw.update(frames=n, tags=tags)
-        yield rec
-        return
+        rec.raw.update(frames=n)
+        return [rec]
     try:
-        caption = _caption(spec, ds, path)
+        caption = _caption(spec, ds, path, base, limits)
+    except RecordError as exc:
+        rec.problem = str(exc)
+        return [rec]
     except UnicodeDecodeError as exc:
         rec.problem = f"invalid UTF-8 in the caption sidecar of {rel} (byte {exc.start})"
-        yield rec
-        return
-    group = ds.get("PatientID") or ds.get("StudyInstanceUID") or None
-    for i in frames:
-        yield RawRecord(spec.name, spec.kind, f"{rel}#frame{i}", rel, loc={"path": str(path), "frame": i},
-                        caption=caption, modality=spec.modality or MODALITIES.get(str(ds.get("Modality", ""))),
-                        group=str(group) if group else None, raw={"path": rel, "frame": i, "frames": n, "tags": tags})
+        return [rec]
+    group = _tag(ds, "PatientID") or _tag(ds, "StudyInstanceUID") or None
+    modality = spec.modality or MODALITIES.get(_tag(ds, "Modality"))
+    return [RawRecord(spec.name, spec.kind, f"{rel}#frame{i}", rel, caption=caption, modality=modality, group=group,
+                      loc={"path": str(path), "frame": i, "rel": rel, "root": str(base)},
+                      raw={"path": rel, "frame": i, "frames": n, "tags": tags}) for i in frames]
 
 
 def _frames(spec, n: int) -> tuple[list[int], list[int]]:
@@ -83,11 +131,12 @@ def _frames(spec, n: int) -> tuple[list[int], list[int]]:
     return list(spec.frames), [i for i in spec.frames if not 0 <= i < n]
 
 
-def _caption(spec, ds, path: Path) -> str:
+def _caption(spec, ds, path: Path, base: Path, limits) -> str:
     plain = path.suffix.lower() in (".dcm", ".dicom", ".ima")  # else "1.2.840....": keep the full name
     sidecar = path.with_suffix(".txt") if plain else path.with_name(path.name + ".txt")
-    if sidecar.is_file():
-        return sidecar.read_text(encoding="utf-8")
+    text = sidecar_text(base, sidecar, limits)
+    if text is not None:
+        return text
     if spec.caption_template:
         return _tidy(_format(spec.caption_template, ds))
     mod, body, *desc = (_tag(ds, t) for t in CAPTION_TAGS)
@@ -115,7 +164,10 @@ def _format(template: str, ds) -> str:
 
 
 def _tag(ds, keyword: str) -> str:
-    value = ds.get(keyword) if tag_for_keyword(keyword) else None
+    tag = tag_for_keyword(keyword)
+    if tag is None or tag not in ds or getattr(ds.get_item(tag), "length", 0) > _MAX_TAG:
+        return ""  # a value left on disk by defer_size (huge) is never read for a caption
+    value = ds.get(keyword)
     if value is None or isinstance(value, Sequence):
         return ""
     return " ".join(map(str, value)) if isinstance(value, MultiValue) else str(value)
@@ -130,10 +182,14 @@ def _tidy(text: str) -> str:
 
 def load_pixels(rec: RawRecord, cfg) -> np.ndarray:
     path, frame = Path(rec.loc["path"]), int(rec.loc.get("frame", 0))
+    if "root" in rec.loc:
+        path = contained(rec.loc["root"], rec.loc.get("rel", path), rec.origin)
     if not path.is_file():
         raise RecordError(f"DICOM file not found: {rec.origin}")
     try:
-        ds = pydicom.dcmread(path, stop_before_pixels=True)
+        ds = read_header(path, rec.origin, cfg)
+    except RecordError:
+        raise
     except Exception as exc:
         raise RecordError(f"unreadable DICOM header: {rec.origin}: {exc}") from None
     check_size(int(ds.get("Columns") or 0), int(ds.get("Rows") or 0), cfg)
@@ -150,6 +206,9 @@ def load_pixels(rec: RawRecord, cfg) -> np.ndarray:
 def _decode(path: Path, frame: int, ds) -> np.ndarray:
     ts = ds.file_meta.get("TransferSyntaxUID")
     try:
+        if ts == DeflatedExplicitVRLittleEndian:  # pixel_array(path) cannot parse a deflated stream: the dataset,
+            # already checked under max_inflated_bytes by read_header, is inflated whole
+            return pixel_array(pydicom.dcmread(path), index=frame)
         return pixel_array(path, index=frame)
     except RuntimeError as exc:
         msg, options = str(exc), _plugin_options(str(exc))

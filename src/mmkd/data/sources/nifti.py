@@ -1,8 +1,13 @@
-"""Owns the NIfTI source: one record per chosen slice of each volume, canonical (RAS) orientation, windowed."""
+"""Owns the NIfTI source: one record per chosen slice of each volume, canonical (RAS) orientation, windowed.
+
+Every file is read inside the source root, its header extensions walked under max_header_bytes before
+nibabel loads them, and one unreadable file becomes one quarantined record.
+"""
 
 from __future__ import annotations
 
 import re
+import struct
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -10,40 +15,83 @@ import nibabel as nib
 import numpy as np
 
 from mmkd.data.imaging import RecordError, check_size, gray_to_rgb, percentile_window
-from mmkd.data.sources import RawRecord, source_root
+from mmkd.data.sources import RawRecord, inside, source_root
+from mmkd.data.sources.files import contained, limit, sidecar_text
 
 AXES = ("sagittal", "coronal", "axial")
 
 
-def iter_records(spec, data_root: Path) -> Iterator[RawRecord]:
+def iter_records(spec, data_root: Path, limits=None) -> Iterator[RawRecord]:
     root = source_root(spec, data_root)
     if isinstance(spec.slices, int) and spec.slices < 1:
         raise ValueError(f"source '{spec.name}': slices must be >= 1, got {spec.slices}")
     if spec.caption_template:
         _format(spec, "name", 0)  # a bad template is a config error: fail early
+    base = root.parent if root.is_file() else root
     files = [root] if root.is_file() else sorted(p for p in root.glob(spec.pattern or "**/*.nii*") if p.is_file())
     for path in files:
-        rel = path.name if path == root else path.relative_to(root).as_posix()
-        yield from _file_records(spec, path, rel)
+        rel = path.relative_to(base).as_posix()
+        try:  # built whole before yielding: a failure leaves no half-listed file
+            recs = _file_records(spec, path, base, rel, limits)
+        except Exception as exc:  # one odd file costs its records, never the listing
+            recs = [RawRecord(spec.name, spec.kind, rel, rel, raw={"path": rel},
+                              problem=f"unreadable NIfTI file {rel}: {type(exc).__name__}: {exc}")]
+        yield from recs
+
+
+def check_header(path: Path, name: str, limits) -> None:
+    """Refuse a header whose extensions exceed max_header_bytes before nibabel reads them (it reads each one whole,
+    whatever vox_offset says), walking the extension sizes in a stream (a .nii.gz is inflated in pieces)."""
+    cap = limit(limits, "max_header_bytes")
+    with nib.openers.ImageOpener(path) as fh:
+        head = fh.read(544)
+        endian = next((e for e in "<>" if len(head) >= 348 and struct.unpack(e + "i", head[:4])[0] in (348, 540)), None)
+        if endian is None:
+            return  # not a NIfTI header: nib.load names what it is
+        n1 = struct.unpack(endian + "i", head[:4])[0] == 348
+        size, magic = (348, head[344:347]) if n1 else (540, head[4:7])
+        if magic not in (b"n+1", b"ni1", b"n+2", b"ni2") or len(head) < size + 4 or head[size] == 0:
+            return  # Analyze (no extensions), truncated (nibabel says so), or no extension flag
+        vox = struct.unpack(endian + ("f" if n1 else "q"), head[108:112] if n1 else head[168:176])[0]
+        # as nibabel: a single file's extensions end at vox_offset, a detached .hdr's at its end
+        left = -1 if ".hdr" in path.name.lower() else vox - size - 4
+        fh.seek(size + 4)
+        total = size + 4
+        while left >= 16 or left < 0:  # nibabel's own loop
+            ext = fh.read(8)
+            if len(ext) < 8:
+                return
+            esize = struct.unpack(endian + "i", ext[:4])[0]
+            if esize < 8:  # nibabel would read(esize - 8): a negative size reads the rest of the file
+                raise RecordError(f"bad NIfTI header extension: {name} has an extension of size {esize}")
+            total += esize
+            if total > cap:
+                raise RecordError(f"NIfTI header too large: {name} has extensions past max_header_bytes {cap}")
+            fh.seek(esize - 8, 1)
+            left -= esize
 
 
 def stem(path: Path) -> str:
     return re.sub(r"\.nii(\.gz)?$", "", path.name, flags=re.IGNORECASE)
 
 
-def _file_records(spec, path: Path, rel: str) -> Iterator[RawRecord]:
+def _file_records(spec, path: Path, base: Path, rel: str, limits) -> list[RawRecord]:
     rec = RawRecord(spec.name, spec.kind, rel, rel, raw={"path": rel})
     try:
+        if inside(base, rel) is None:  # a symlink pointing outside the root
+            raise RecordError(f"path escapes the source root: {rel}")
+        check_header(path, rel, limits)
         img = nib.load(path)  # the header only; voxels stay on disk
         shape = tuple(int(s) for s in img.shape)
+    except RecordError as exc:
+        rec.problem = str(exc)
+        return [rec]
     except Exception as exc:  # not NIfTI, truncated header, bad gzip
         rec.problem = f"not a NIfTI file: {rel} ({type(exc).__name__}: {exc})"
-        yield rec
-        return
+        return [rec]
     if len(shape) < 3:
         rec.problem = f"not a volume: {rel} has shape {shape} (need 3-D or 4-D)"
-        yield rec
-        return
+        return [rec]
     src, _ = _source_axis(img, spec.axis)
     n = shape[src]
     slices = _slices(spec.slices, n)
@@ -52,21 +100,24 @@ def _file_records(spec, path: Path, rel: str) -> Iterator[RawRecord]:
     if bad:
         rec.problem = f"slice indices {bad} out of range for {rel} ({n} slices along axis {spec.axis})"
         rec.raw.update(info)
-        yield rec
-        return
-    sidecar = path.with_name(stem(path) + ".txt")
+        return [rec]
     try:
-        text = sidecar.read_text(encoding="utf-8") if sidecar.is_file() else None
+        text = sidecar_text(base, path.with_name(stem(path) + ".txt"), limits)
+    except RecordError as exc:
+        rec.problem = str(exc)
+        return [rec]
     except UnicodeDecodeError as exc:
         rec.problem = f"invalid UTF-8 in the caption sidecar of {rel} (byte {exc.start})"
-        yield rec
-        return
+        return [rec]
+    recs = []
     for i in slices:
         caption = text if text is not None else (_format(spec, stem(path), i) if spec.caption_template else "")
-        loc = {"path": str(path), "axis": spec.axis, "slice": i, "window": list(spec.window_percentiles)}
-        yield RawRecord(spec.name, spec.kind, f"{rel}#axis{spec.axis}-slice{i}", rel, loc=loc, caption=caption,
-                        modality=spec.modality, group=_group(rel),
-                        raw={"path": rel, "axis": spec.axis, "slice": i, **info})
+        loc = {"path": str(path), "axis": spec.axis, "slice": i, "window": list(spec.window_percentiles),
+               "rel": rel, "root": str(base)}
+        recs.append(RawRecord(spec.name, spec.kind, f"{rel}#axis{spec.axis}-slice{i}", rel, loc=loc, caption=caption,
+                              modality=spec.modality, group=_group(rel),
+                              raw={"path": rel, "axis": spec.axis, "slice": i, **info}))
+    return recs
 
 
 def _slices(slices, n: int) -> list[int]:
@@ -109,8 +160,11 @@ def _orientation(img) -> np.ndarray:
 
 def load_pixels(rec: RawRecord, cfg) -> np.ndarray:
     path, axis, i = Path(rec.loc["path"]), int(rec.loc["axis"]), int(rec.loc["slice"])
+    if "root" in rec.loc:
+        path = contained(rec.loc["root"], rec.loc.get("rel", path), rec.origin)
     if not path.is_file():
         raise RecordError(f"NIfTI file not found: {rec.origin}")
+    check_header(path, rec.origin, cfg)
     try:
         img = nib.load(path)
     except Exception as exc:
