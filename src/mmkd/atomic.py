@@ -3,14 +3,16 @@
 The bytes go to a temp name beside the target (same folder, so the same filesystem), are flushed and fsynced,
 then renamed over the target with os.replace (atomic on POSIX); the folder is fsynced so the rename itself
 survives a power loss. A kill at any moment leaves at most a `.<name>.<pid>.tmp` file, which
-`remove_stale_temps` deletes on the next run.
+`remove_stale_temps` deletes when the next run takes the workspace lock.
 """
 
 from __future__ import annotations
 
 import json
 import os
+from contextlib import contextmanager
 from pathlib import Path
+from typing import BinaryIO, Iterator
 
 TMP_SUFFIX = ".tmp"
 
@@ -35,13 +37,15 @@ def fsync_dir(folder: Path) -> None:
         os.close(fd)
 
 
-def write_bytes(path: Path, data: bytes, durable: bool = True) -> Path:
-    """Write `data` to `path` whole or not at all; returns path."""
+@contextmanager
+def replacing(path: Path, durable: bool = True) -> Iterator[BinaryIO]:
+    """A binary file handle whose bytes replace `path` whole when the block ends without an error (streamed: large
+    files need not be in memory); on an error, or a kill, `path` is untouched."""
     path = Path(path)
     tmp = temp_path(path)
     try:
         with open(tmp, "wb") as fh:
-            fh.write(data)
+            yield fh
             if durable:
                 fh.flush()
                 os.fsync(fh.fileno())
@@ -51,7 +55,13 @@ def write_bytes(path: Path, data: bytes, durable: bool = True) -> Path:
         raise
     if durable:
         fsync_dir(path.parent)
-    return path
+
+
+def write_bytes(path: Path, data: bytes, durable: bool = True) -> Path:
+    """Write `data` to `path` whole or not at all; returns path."""
+    with replacing(path, durable) as fh:
+        fh.write(data)
+    return Path(path)
 
 
 def write_text(path: Path, text: str, durable: bool = True) -> Path:
@@ -63,14 +73,30 @@ def write_json(path: Path, obj, durable: bool = True, **dump_kw) -> Path:
     return write_text(path, json.dumps(obj, **dump_kw), durable)
 
 
-def remove_stale_temps(folder: Path, recursive: bool = False) -> list[Path]:
-    """Delete temp files that atomic writers in `folder` left behind when killed; call with the workspace lock
-    held, so that no live writer's temp file is taken."""
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process: alive
+        return True
+    return True
+
+
+def remove_stale_temps(folder: Path, recursive: bool = False, name: str = "*", dead_writers_only: bool = False
+                       ) -> list[Path]:
+    """Delete the temp files that killed atomic writers left in `folder` (of target `name`, a glob). Call it with
+    the workspace lock held, so that no live writer's temp file is taken; without the lock, `dead_writers_only`
+    keeps the temp files of processes still running on this host (their pid is in the name)."""
     folder = Path(folder)
     if not folder.is_dir():
         return []
-    pattern = f"**/.*{TMP_SUFFIX}" if recursive else f".*{TMP_SUFFIX}"
-    gone = [p for p in folder.glob(pattern) if p.is_file()]
-    for p in gone:
+    pattern = f".{name}.*{TMP_SUFFIX}"
+    gone = []
+    for p in folder.glob(f"**/{pattern}" if recursive else pattern):
+        pid = p.name[: -len(TMP_SUFFIX)].rsplit(".", 1)[-1]
+        if not p.is_file() or (dead_writers_only and pid.isdigit() and int(pid) != os.getpid() and _alive(int(pid))):
+            continue
         p.unlink(missing_ok=True)
+        gone.append(p)
     return gone

@@ -110,6 +110,10 @@ def test_a_second_run_is_refused_naming_the_holder_then_waits_and_proceeds(ws):
     assert res.exit_code == 75, res.output
     assert f"pid {a}" in res.output and "flow inbox (drop-a)" in res.output and "lock_wait_s" in res.output
     assert not (ws / "artifacts" / "curated").exists()  # refused before doing anything
+    # every command that writes the workspace (or may migrate a store's index) says so too, without a traceback
+    for args in (["verify"], ["evaluate"], ["data", "synth"]):
+        res = CliRunner().invoke(app, [*args, "--root", str(ws)])
+        assert res.exit_code == 75 and f"pid {a}" in res.output and "Traceback" not in res.output, (args, res.output)
 
     def waiter():  # a run allowed to wait: it proceeds when A releases the workspace
         with workspace_lock(ws, wait_s=120, command="inbox (drop-b)") as how:

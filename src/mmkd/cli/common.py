@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import logging
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Optional
+from typing import Iterator, Optional
 
 import typer
 
@@ -36,3 +37,16 @@ def _context(root: Path, params: Optional[Path], profile: Optional[str]):
     except ConfigError as exc:
         typer.echo(str(exc), err=True)
         raise typer.Exit(2)
+
+
+@contextmanager
+def exit_when_busy(command: str) -> Iterator[None]:
+    """Another run holds the workspace (mmkd.workspace_lock): say who, and exit 75 (EX_TEMPFAIL: nothing was done,
+    try again later) rather than print a traceback."""
+    from mmkd.workspace_lock import WorkspaceBusy
+
+    try:
+        yield
+    except WorkspaceBusy as exc:
+        typer.echo(f"{command}: {exc}", err=True)
+        raise typer.Exit(75)

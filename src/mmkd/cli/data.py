@@ -14,6 +14,7 @@ from mmkd.cli.common import (
     RootOpt,
     _context,
     _setup_logging,
+    exit_when_busy,
     data_app,
     datasets_app,
     features_app,
@@ -32,7 +33,9 @@ def data_synth(root: Path = RootOpt, params: Optional[Path] = ParamsOpt, profile
     if if_missing and ctx.ws.raw_manifest.exists() and not suite_missing(ctx):
         typer.echo(f"{ctx.ws.raw_manifest} and the evaluation suite exist; not regenerating")
         return
-    typer.echo(json.dumps(run_step("synth", ctx)["summary"]))
+    with exit_when_busy("mmkd data synth"):
+        summary = run_step("synth", ctx)["summary"]
+    typer.echo(json.dumps(summary))
 
 
 @data_app.command("report")

@@ -7,7 +7,7 @@ from typing import Optional
 
 import typer
 
-from mmkd.cli.common import ParamsOpt, RootOpt, app
+from mmkd.cli.common import ParamsOpt, RootOpt, app, exit_when_busy
 
 
 @app.command("verify")
@@ -23,7 +23,13 @@ def verify(root: Path = RootOpt, params: Optional[Path] = ParamsOpt,
     except ConfigError as exc:
         typer.echo(str(exc), err=True)
         raise typer.Exit(2)
-    report = verify_workspace(ws.curated, {"teachers": ws.teacher_features, "aligned": ws.aligned_features}, repair)
+    from mmkd.workspace_lock import workspace_lock
+
+    # under the workspace lock: opening a feature store may migrate its index, and --repair drops shards, so no
+    # step may write meanwhile (and a store being written is not judged half-way)
+    with exit_when_busy("mmkd verify"), workspace_lock(ws.root, ws.params.workspace.lock_wait_s, "mmkd verify"):
+        report = verify_workspace(ws.curated, {"teachers": ws.teacher_features, "aligned": ws.aligned_features},
+                                  repair)
     for line in report.problems:
         typer.echo(f"PROBLEM {line}")
     for line in report.notes:

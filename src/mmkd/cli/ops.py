@@ -13,6 +13,7 @@ from mmkd.cli.common import (
     RootOpt,
     _context,
     _setup_logging,
+    exit_when_busy,
     app,
 )
 
@@ -119,8 +120,9 @@ def inbox_cmd(profile: Optional[str] = ProfileOpt, root: Path = RootOpt, params:
     ctx = _context(root, params, profile)
     from flows.inbox import inbox
 
-    result = inbox(profile=ctx.params.profile, root=str(ctx.ws.root), params_path=str(ctx.params_path),
-                   retrain_after=retrain)
+    with exit_when_busy("mmkd inbox"):
+        result = inbox(profile=ctx.params.profile, root=str(ctx.ws.root), params_path=str(ctx.params_path),
+                       retrain_after=retrain)
     for d in result["drops"]:
         typer.echo(f"drop {d['name']}: {d['rows']} rows -> {d['drop_id']}"
                    + (" (already ingested)" if d["already_ingested"] else ""))

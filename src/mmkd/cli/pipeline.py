@@ -14,6 +14,7 @@ from mmkd.cli.common import (
     RootOpt,
     _context,
     _setup_logging,
+    exit_when_busy,
     app,
 )
 
@@ -28,10 +29,8 @@ def stage(name: str = typer.Argument(..., help="curate|validate|teachers|cache_f
     if name not in PIPELINE:
         typer.echo(f"unknown stage '{name}'; stages: {', '.join(PIPELINE)}", err=True)
         raise typer.Exit(2)
-    from mmkd.workspace_lock import WorkspaceBusy
-
     ctx = _context(root, params, profile)
-    try:
+    with exit_when_busy(f"mmkd stage {name}"):
         if name == "cache_features" and ctx.params.features.executor == "dask":
             from tasks.cache_features import (
                 cache_features,  # units on a Dask cluster through Prefect's task runner
@@ -40,9 +39,6 @@ def stage(name: str = typer.Argument(..., help="curate|validate|teachers|cache_f
             result = cache_features(str(ctx.ws.root), str(ctx.params_path), ctx.params.profile, ctx.parent_run_id)
         else:
             result = run_step(name, ctx)
-    except WorkspaceBusy as exc:  # another run writes the workspace: nothing was done, try again later
-        typer.echo(f"mmkd stage {name}: {exc}", err=True)
-        raise typer.Exit(75)  # EX_TEMPFAIL
     typer.echo(json.dumps({"step": name, "seconds": result["seconds"], "run_id": result["run_id"]}))
 
 
@@ -75,7 +71,8 @@ def evaluate(datasets: Optional[str] = typer.Option(
     ctx = Context(Workspace(ctx.ws.root, p.model_copy(update={"evaluate": evaluate_cfg, "paths": paths})),
                   ctx.params_path, ctx.parent_run_id)
     try:
-        result = run_step("evaluate", ctx)
+        with exit_when_busy("mmkd evaluate"):
+            result = run_step("evaluate", ctx)
     except (KeyError, FileNotFoundError) as exc:
         typer.echo(f"mmkd evaluate: {exc}", err=True)
         raise typer.Exit(2)
@@ -97,13 +94,8 @@ def run(profile: Optional[str] = ProfileOpt, root: Path = RootOpt, params: Optio
         retrain,  # flows/ and tasks/ are installed beside mmkd (pyproject.toml)
     )
 
-    from mmkd.workspace_lock import WorkspaceBusy
-
-    try:
+    with exit_when_busy("mmkd run"):
         result = retrain(profile=ctx.params.profile, root=str(ctx.ws.root), params_path=str(ctx.params_path))
-    except WorkspaceBusy as exc:  # another run writes the workspace: nothing was done, try again later
-        typer.echo(f"mmkd run: {exc}", err=True)
-        raise typer.Exit(75)  # EX_TEMPFAIL
     ws = ctx.ws
     typer.echo("\n" + ws.leaderboard.read_text())
     typer.echo(f"metrics:      {ws.metrics}\nleaderboard:  {ws.leaderboard}\nData Docs:    {ws.reports / 'data_docs' / 'index.html'}")

@@ -16,6 +16,7 @@ from mmkd.data import eval_items as items
 from mmkd.data.render import RENDERERS, finish
 from mmkd.data.synth import EVAL_NAMESPACE, SPECS
 from mmkd.progress import progress
+from mmkd import atomic
 
 SUITE_DIR = EMBEDDED_SUITE_DIR  # under paths.data (one definition: config.Workspace.embedded_suite)
 # Every suite rng is keyed [seed, modality, EVAL_NAMESPACE, set id, ...]: the namespace index follows the
@@ -96,7 +97,7 @@ def _vqa(cfg, modalities: list[str], root: Path, jobs: _Jobs) -> dict:
                 for q, ans, qtype in items.questions(rng, m, finding, a, i in yes, others, vcfg.questions_per_image):
                     entries.append({"qid": len(entries), "img_name": name, "question": q, "answer": ans,
                                     "answer_type": "CLOSED", "content_type": qtype, "q_lang": "en", "modality": m})
-        (root / f"{split}.json").write_text(json.dumps(entries, indent=0))
+        atomic.write_json(root / f"{split}.json", entries, indent=0)
         out[split] = len(entries)
     return {"format": "vqa_json", "items": sum(out.values()), "splits": out,
             "images": len(modalities) * (vcfg.train_images + vcfg.test_images)}
@@ -209,5 +210,5 @@ def generate_suite(cfg: SynthCfg, seed: int, root: Path) -> dict:
         else:
             for chunk in chunks:
                 bar.update(_render(chunk))
-    old.write_text(json.dumps({"seed": seed, "image_size": cfg.image_size, "sets": sets}, indent=1))
+    atomic.write_json(old, {"seed": seed, "image_size": cfg.image_size, "sets": sets})
     return {"eval_sets": len(sets), "eval_images": len(jobs.jobs)}

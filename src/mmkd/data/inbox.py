@@ -33,7 +33,7 @@ import stat
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from mmkd.atomic import fsync_dir, remove_stale_temps, temp_path
+from mmkd.atomic import fsync_dir, remove_stale_temps, replacing
 
 MANIFEST_NAMES = ("manifest.jsonl", "manifest.csv")
 STAGING_SUFFIX = ".partial"
@@ -200,9 +200,12 @@ def ingested_drops(manifest: Path) -> dict[str, str]:
 
 
 def _copy_file(data: bytes, dst: Path) -> None:
-    """Write one staged file (a file of its own: the staging folder is renamed whole once every file is in)."""
+    """Write one staged file (a file of its own: the staging folder is renamed whole once every file is in), on disk
+    before the rename that publishes it: after a power loss no manifest row points at an empty image."""
     with open(dst, "wb") as fh:
         fh.write(data)
+        fh.flush()
+        os.fsync(fh.fileno())
 
 
 def _stage(plan: DropPlan, drop: Path, target: Path) -> bytes:
@@ -238,24 +241,15 @@ def _stage(plan: DropPlan, drop: Path, target: Path) -> bytes:
 
 def _write_manifest(manifest: Path, new: bytes) -> None:
     """Write manifest + new lines to a temp file and rename it over the manifest: all the drop's rows or none."""
-    tmp = temp_path(manifest)
-    try:
-        with open(tmp, "wb") as out:
-            if manifest.exists():
-                with open(manifest, "rb") as old:
-                    shutil.copyfileobj(old, out, 1 << 20)
-                    if out.tell():
-                        old.seek(-1, os.SEEK_END)
-                        if old.read(1) != b"\n":  # a last line left without its newline: new rows start a line
-                            out.write(b"\n")
-            out.write(new)
-            out.flush()
-            os.fsync(out.fileno())
-        os.replace(tmp, manifest)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    fsync_dir(manifest.parent)
+    with replacing(manifest) as out:
+        if manifest.exists():
+            with open(manifest, "rb") as old:
+                shutil.copyfileobj(old, out, 1 << 20)
+                if out.tell():
+                    old.seek(-1, os.SEEK_END)
+                    if old.read(1) != b"\n":  # a last line left without its newline: new rows start a line
+                        out.write(b"\n")
+        out.write(new)
 
 
 def recover(base: Path, keep: str | None = None) -> list[Path]:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -14,6 +13,7 @@ from mmkd.progress import progress
 from mmkd.config import MODALITIES, SynthCfg
 from mmkd.data.manifest import write_jsonl
 from mmkd.data.render import RENDERERS, finish
+from mmkd import atomic
 
 
 @dataclass(frozen=True)
@@ -285,7 +285,7 @@ def generate(cfg: SynthCfg, seed: int, root: Path) -> dict:
                 records += chunk
                 bar.update(len(chunk))
     write_jsonl(root / "manifest.jsonl", records)
-    (root / "tasks.json").write_text(json.dumps(tasks_description(cfg.modalities), indent=1))
+    atomic.write_json(root / "tasks.json", tasks_description(cfg.modalities))
     summary = {"records": len(records), "modalities": len(cfg.modalities)}
     if cfg.eval_suite.enabled:
         from mmkd.data.eval_suite import SUITE_DIR, generate_suite  # it imports this module

@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -13,6 +11,7 @@ import numpy as np
 
 from mmkd.evaluation.dataset import EvalDataset
 from mmkd.progress import progress
+from mmkd import atomic
 
 log = logging.getLogger("mmkd")
 IMAGE_CHUNK = 512  # images decoded per encoder call: bounds memory on large real datasets
@@ -80,9 +79,8 @@ def dataset_embeddings(encoder, model_version: str, ds: EvalDataset, prompts: di
     emb = encode_dataset(encoder, ds, texts, batch, images)
     if path is not None:
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".tmp.npz")
-        np.savez(tmp, key=np.array(key), image=emb.image, texts=np.array(texts, dtype=str), text=emb.text)
-        os.replace(tmp, path)
-        (path.with_suffix(".json")).write_text(json.dumps({"model_version": model_version, "key": key,
-                                                           "images": len(ds.images), "texts": len(texts)}))
+        with atomic.replacing(path) as fh:
+            np.savez(fh, key=np.array(key), image=emb.image, texts=np.array(texts, dtype=str), text=emb.text)
+        atomic.write_json(path.with_suffix(".json"), {"model_version": model_version, "key": key,
+                                                      "images": len(ds.images), "texts": len(texts)}, indent=None)
     return emb, False

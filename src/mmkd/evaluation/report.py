@@ -11,6 +11,7 @@ import numpy as np
 from scipy.stats import rankdata
 
 from mmkd.evaluation.stats import mean_over_sets
+from mmkd import atomic
 
 # the metrics each task is judged by, in the leaderboard, win/tie/loss counts and ranks (first one present)
 HEADLINES: dict[str, tuple[tuple[str, ...], ...]] = {
@@ -223,7 +224,8 @@ def write_plots(plan: dict, results: dict, plots_dir: Path) -> list[Path]:
         ax.set_xlabel("student minus best teacher")
         ax.set_title("Student vs best teacher, per dataset and headline metric")
         fig.tight_layout()
-        fig.savefig(plots_dir / "student_vs_best_teacher.png", dpi=110)
+        with atomic.replacing(plots_dir / "student_vs_best_teacher.png") as fh:
+            fig.savefig(fh, dpi=110, format="png")
         plt.close(fig)
         paths.append(plots_dir / "student_vs_best_teacher.png")
     if per_task:
@@ -238,7 +240,8 @@ def write_plots(plan: dict, results: dict, plots_dir: Path) -> list[Path]:
         ax.set_ylabel("mean headline metric")
         ax.legend(fontsize=7, ncol=2)
         fig.tight_layout()
-        fig.savefig(plots_dir / "per_task.png", dpi=110)
+        with atomic.replacing(plots_dir / "per_task.png") as fh:
+            fig.savefig(fh, dpi=110, format="png")
         plt.close(fig)
         paths.append(plots_dir / "per_task.png")
     return paths
@@ -288,8 +291,8 @@ def write_reports(plan: dict, results_dir: Path, metrics_path: Path, leaderboard
               "rejected_records": rejected}
     metrics = metrics_json(results)
     metrics_path.parent.mkdir(parents=True, exist_ok=True)
-    metrics_path.write_text(json.dumps(metrics, indent=1, sort_keys=True))
-    leaderboard_path.write_text(leaderboard(plan, results, status))
+    atomic.write_json(metrics_path, metrics, sort_keys=True)
+    atomic.write_text(leaderboard_path, leaderboard(plan, results, status))
     plots = write_plots(plan, results, plots_dir)
-    status_path.write_text(json.dumps({**status, "plan": plan}, indent=1, sort_keys=True))
+    atomic.write_json(status_path, {**status, "plan": plan}, sort_keys=True)
     return {"metrics": metrics, "status": status, "plots": plots}

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import time
 from pathlib import Path
 
@@ -10,6 +9,7 @@ import numpy as np
 
 from mmkd.evaluation.dataset import DatasetFormatError, EvalDataset
 from mmkd.evaluation.embeddings import Embeddings, dataset_embeddings
+from mmkd import atomic
 
 
 def _test_items(ds: EvalDataset) -> np.ndarray:
@@ -110,5 +110,5 @@ def result_path(results_dir: Path, model: str, dataset: str) -> Path:
 def write_result(results_dir: Path, model: str, dataset: str, result: dict) -> Path:
     path = result_path(results_dir, model, dataset)
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps({"model": model, "dataset": dataset, **result}, indent=1, sort_keys=True))
+    atomic.write_json(path, {"model": model, "dataset": dataset, **result}, sort_keys=True)
     return path

@@ -7,11 +7,12 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file, save
 from torch import nn
 
 from mmkd.config import AlignCfg
 from mmkd.progress import progress
+from mmkd import atomic
 
 
 class MultiTeacherAutoencoder(nn.Module):
@@ -75,9 +76,9 @@ def train_projector(features: dict, latent: int, cfg: AlignCfg, seed: int) -> tu
 
 def save_projector(model: MultiTeacherAutoencoder, folder: Path) -> None:
     folder.mkdir(parents=True, exist_ok=True)
-    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, folder / "projector.safetensors")
+    atomic.write_bytes(folder / "projector.safetensors", save({k: v.contiguous() for k, v in model.state_dict().items()}))
     meta = {"dims": model.dims, "latent": model.latent, "hidden": model.hidden}
-    (folder / "projector.json").write_text(json.dumps(meta, indent=1, sort_keys=True))
+    atomic.write_json(folder / "projector.json", meta, sort_keys=True)
 
 
 def load_projector(folder: Path) -> MultiTeacherAutoencoder:

@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import numpy as np
 
 from mmkd.features.checks import FeatureError
+
+if TYPE_CHECKING:
+    from mmkd.features.store import FeatureStore
 
 
 class TeacherFeatures:

@@ -10,9 +10,10 @@ import numpy as np
 import open_clip
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file, save
 
 from mmkd.models.preprocess import OPENAI_MEAN, OPENAI_STD, ImageSpec, spec_from_open_clip
+from mmkd import atomic
 
 CONFIG_DIR = Path(__file__).parent / "model_configs"
 _registered = False
@@ -69,9 +70,9 @@ def save_checkpoint(model: torch.nn.Module, folder: Path, model_name: str, extra
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
-    save_file(state, folder / "model.safetensors")
+    atomic.write_bytes(folder / "model.safetensors", save(state))
     meta = {"model": model_name, **(extra or {})}
-    (folder / "model.json").write_text(json.dumps(meta, indent=1, sort_keys=True))
+    atomic.write_json(folder / "model.json", meta, sort_keys=True)
     return folder / "model.safetensors"
 
 

@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 import numpy as np
+from mmkd import atomic
 
 
 def read_texts(args: list[str]) -> list[str]:
@@ -39,12 +40,13 @@ def write(out: Path, emb: np.ndarray, inputs: list[str], kind: str, loaded,
     """The embeddings (rows = inputs, in order) and the index: which input each row is, the model, what was skipped."""
     npy, index = out_paths(out)
     npy.parent.mkdir(parents=True, exist_ok=True)
-    np.save(npy, np.asarray(emb, dtype=np.float32))
+    with atomic.replacing(npy) as fh:
+        np.save(fh, np.asarray(emb, dtype=np.float32))
     meta = {"kind": kind, "rows": len(inputs), "dim": int(emb.shape[1]) if emb.ndim == 2 else 0,
             "model": loaded.uri, "version": loaded.version, "tracking_uri": loaded.tracking_uri,
             "model_config": loaded.meta.get("model"),
             "inputs": list(inputs), "skipped": [{"input": s.input, "reason": s.reason} for s in (skipped or [])]}
-    index.write_text(json.dumps(meta, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
+    atomic.write_text(index, json.dumps(meta, indent=1, ensure_ascii=False) + "\n")
     return npy, index
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+from mmkd import atomic
 from mmkd.steps.common import Context, StepRun
 
 
@@ -34,8 +35,8 @@ def step_align(ctx: Context, run: StepRun) -> dict:
     keys = np.array([r["key"] for r in split_records(ws.curated, "train")], dtype="S32")
     stats = align(ws.teacher_features, current_sets(ctx), keys, ws.aligned_features, latent, p.align, p.seed,
                   p.features.dtype)
-    (ws.aligned_features / "aligned.json").write_text(json.dumps(
-        {"projector": stats["projector"], "latent_dim": latent, "rows": stats["projected_rows"]}, indent=1))
+    atomic.write_json(ws.aligned_features / "aligned.json",
+                      {"projector": stats["projector"], "latent_dim": latent, "rows": stats["projected_rows"]})
     run.log_metrics({k: v for k, v in stats.items() if isinstance(v, (int, float))})
     run.log_artifact(ws.aligned_features / "projector" / "projector.json")
     return stats

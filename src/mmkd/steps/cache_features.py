@@ -7,6 +7,7 @@ from pathlib import Path
 
 from mmkd.steps.common import Context, StepRun, seed_everything
 from mmkd.steps.teachers import load_teachers
+from mmkd import atomic
 
 
 _WORKER_TEACHERS: dict[tuple[str, str, str], dict] = {}
@@ -49,7 +50,7 @@ def step_cache_features(ctx: Context, run: StepRun) -> dict:
     summary = feature_summary(ctx, store, loaded)
     store.close()
     # features.json is DVC-tracked content: what the store holds, never how long it took
-    (ws.teacher_features / "features.json").write_text(json.dumps(summary, indent=1, sort_keys=True))
+    atomic.write_json(ws.teacher_features / "features.json", summary, sort_keys=True)
     metrics = {"units": done["units"], "worker_processes": done["worker_processes"], "adopted_shards": done["adopted_shards"], "pruned_sets": len(done["pruned_sets"]),
                "removed_partial_files": done["removed_partial_files"], "store_bytes": summary["bytes"],
                **{f"forwarded_{spec.name}": done["forwarded"].get(spec.name, 0) for spec, _ in loaded},

@@ -8,6 +8,7 @@ import tempfile
 from pathlib import Path
 
 from mmkd.data.deid import deidentified_quarantine
+from mmkd.data.generation import Generations
 from mmkd.data.splits import KEY_ID_FILE, key_id, keyed_token, rekey_needed, workspace_key
 from mmkd.steps.common import Context, StepRun
 
@@ -27,6 +28,8 @@ def step_curate(ctx: Context, run: StepRun) -> dict:
     extra = {"tasks.json": tasks.read_bytes() if tasks.exists() else b"{}"}
     # group tokens are keyed with the workspace secret (the splits are not); a store under another key is rebuilt
     key = workspace_key(ws.root)
+    for what in Generations(ws.curated).recover():  # first: the key check must read the generation that stays
+        log.info("curate: after an interrupted run: %s", what)
     cfg = p.curate.model_copy(update={"group_key": key} | ({"incremental": False} if rekey_needed(ws.curated, key)
                                                            else {}))
     extra[KEY_ID_FILE] = key_id(key).encode()

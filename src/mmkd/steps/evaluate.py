@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 
 from mmkd.steps.common import Context, StepRun, _device
+from mmkd import atomic
 
 log = logging.getLogger("mmkd")
 # models and the current dataset, shared by the units of one evaluate step (they run in its process, one after
@@ -71,7 +72,7 @@ def plan_evaluation(ctx: Context) -> dict:
     shutil.rmtree(out / "results", ignore_errors=True)  # a unit's result is this run's, or absent
     shutil.rmtree(out / "rejected", ignore_errors=True)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "plan.json").write_text(json.dumps(plan, indent=1))
+    atomic.write_json(out / "plan.json", plan)
     return plan
 
 
@@ -120,7 +121,7 @@ def _load(ctx: Context, entry):
     if ds.rejected:  # kept with their reasons (reports/evaluation.json counts them), never dropped silently
         path = ctx.ws.evaluation / "rejected" / f"{entry.name}.jsonl"
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text("".join(json.dumps({"record": r, "reason": why}) + "\n" for r, why in ds.rejected))
+        atomic.write_text(path, "".join(json.dumps({"record": r, "reason": why}) + "\n" for r, why in ds.rejected))
         log.warning("evaluate: %s: %d records refused (%s), e.g. %s: %s", entry.name, len(ds.rejected), path,
                     *ds.rejected[0])
     return ds

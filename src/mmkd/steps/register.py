@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 from mmkd.steps.common import Context, StepRun
+from mmkd import atomic
 
 
 def step_register(ctx: Context, run: StepRun) -> dict:
@@ -37,5 +38,5 @@ def step_register(ctx: Context, run: StepRun) -> dict:
            "model_uri": f"models:/{cfg.model_name}/{decision.version}",
            "champion_uri": f"models:/{cfg.model_name}@{cfg.champion_alias}"}
     ws.registration.parent.mkdir(parents=True, exist_ok=True)
-    ws.registration.write_text(json.dumps(out, indent=1, sort_keys=True))
+    atomic.write_json(ws.registration, out, sort_keys=True)
     return out

@@ -8,6 +8,7 @@ import time
 import numpy as np
 
 from mmkd.steps.common import Context, _device, _metric_logger, StepRun, log
+from mmkd import atomic
 
 
 def _curated_keys(curated_dir) -> dict[str, str]:
@@ -68,7 +69,7 @@ def step_teachers(ctx: Context, run: StepRun) -> dict:
                           **{k: hist[k] for k in ("loss", "steps", "pairs")}}
         run.log_metrics({f"{spec.name}.final_loss": hist["loss"], f"{spec.name}.pairs": hist["pairs"],
                          f"{spec.name}.train_seconds": hist["train_seconds"]})
-    (ws.teachers / "teachers.json").write_text(json.dumps(out, indent=1, sort_keys=True))
+    atomic.write_json(ws.teachers / "teachers.json", out, sort_keys=True)
     run.log_artifact(ws.teachers / "teachers.json")
     return out
 

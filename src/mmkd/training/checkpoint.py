@@ -15,7 +15,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 import random
 from pathlib import Path
 
@@ -64,26 +63,10 @@ def data_id(keys) -> str:
     return hashlib.sha256("\n".join(map(str, keys)).encode()).hexdigest()[:16]
 
 
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # someone else's process: alive
-        return True
-    return True
-
-
 def remove_stale_temps(folder: Path) -> list[Path]:
-    """Delete the temp files of saves that were killed: those of a process no longer running (or of this one:
-    saves here are synchronous, so none of its own is under way); a live process's save in progress stays."""
-    gone = []
-    for tmp in Path(folder).glob(f".{STATE_FILE}.*{atomic.TMP_SUFFIX}"):
-        pid = tmp.name[len(STATE_FILE) + 2 : -len(atomic.TMP_SUFFIX)]
-        if pid.isdigit() and int(pid) != os.getpid() and _alive(int(pid)):
-            continue
-        tmp.unlink(missing_ok=True)
-        gone.append(tmp)
+    """Delete the temp files of saves that were killed (training may run without the workspace lock, under
+    torchrun: a live process's save in progress stays)."""
+    gone = atomic.remove_stale_temps(folder, name=STATE_FILE, dead_writers_only=True)
     if gone:
         log.info("removed %d temp file(s) of killed state saves in %s", len(gone), folder)
     return gone
@@ -96,17 +79,8 @@ def save_state(folder: Path, state: dict) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     remove_stale_temps(folder)
     final = folder / STATE_FILE
-    tmp = atomic.temp_path(final)
-    try:
-        with open(tmp, "wb") as fh:
-            torch.save(state, fh)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, final)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    atomic.fsync_dir(folder)
+    with atomic.replacing(final) as fh:
+        torch.save(state, fh)
     return final
 
 

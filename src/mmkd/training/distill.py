@@ -10,7 +10,6 @@ locations and the [N, T] eligibility mask is held in memory.
 from __future__ import annotations
 
 import hashlib
-import json
 from pathlib import Path
 from typing import Callable
 
@@ -25,6 +24,7 @@ from mmkd.models.factory import image_spec, load_checkpoint, model_config, save_
 from mmkd.training import checkpoint, distributed
 from mmkd.training.loop import tokenize_all, train
 from mmkd.training.strategies import STRATEGIES, Supervision, TeacherSampler, teacher_quality  # noqa: F401 (re-export)
+from mmkd import atomic
 
 WEIGHTS_FILE = "teacher_weights.json"  # written next to the student: shares, and routed's quality/weight tables
 
@@ -176,5 +176,5 @@ def distill(stage1_dir: Path, curated_dir: Path, aligned_dir: Path, domains: dic
         if objective.uses_icl:
             extra["icl_temperature"] = objective.icl_temperature  # the clamped value the loss used
         save_checkpoint(model, out_dir, meta["model"], extra)
-        (Path(out_dir) / WEIGHTS_FILE).write_text(json.dumps(objective.report(), indent=1, sort_keys=True))
+        atomic.write_json(Path(out_dir) / WEIGHTS_FILE, objective.report(), sort_keys=True)
     return history

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import sys
@@ -18,6 +17,7 @@ from mmkd.data.clean import UNKNOWN
 from mmkd.data.contract import Rule, manifest_rules
 from mmkd.data.splits import SPLITS
 from mmkd.data.manifest import read_manifest
+from mmkd import atomic
 
 
 class ValidationFailed(RuntimeError):
@@ -153,7 +153,7 @@ def validate(curated_dir: Path, curate: CurateCfg, cfg: ValidateCfg, docs_dir: P
                # relative to the report, so the report is the same on every machine
                "data_docs": os.path.relpath(docs_dir / "index.html", Path(report_path).resolve().parent)}
     report_path.parent.mkdir(parents=True, exist_ok=True)
-    report_path.write_text(json.dumps(summary, indent=1))
+    atomic.write_json(report_path, summary)
     if failures and cfg.fail_on_error:
         lines = [f"  - {f['expectation']} on {f['column']}: {f['unexpected_count']} unexpected, e.g. {f['examples']}"
                  for f in failures]

@@ -23,7 +23,7 @@ from pydicom.uid import DeflatedExplicitVRLittleEndian
 from mmkd.data import imaging
 from mmkd.data.imaging import RecordError, check_size
 from mmkd.data.sources import RawRecord, inside, source_root
-from mmkd.data.sources.files import contained, inflated_size, limit, sidecar_text
+from mmkd.data.sources.files import per_file_records, contained, inflated_size, limit, sidecar_text
 
 MODALITIES = {"CT": "ct", "MR": "mri", "US": "ultrasound", "SM": "pathology", "OP": "fundus", "OPT": "oct",
               "OCT": "oct", "ES": "endoscopy", **{m: "xray" for m in ("CR", "DX", "MG", "RF", "XA", "RG", "PX")}}
@@ -37,16 +37,7 @@ def iter_records(spec, data_root: Path, limits=None) -> Iterator[RawRecord]:
     root = source_root(spec, data_root)
     if spec.caption_template:
         _format(spec.caption_template, pydicom.Dataset())  # a bad template is a config error: fail early
-    base = root.parent if root.is_file() else root
-    files = [root] if root.is_file() else sorted(p for p in root.glob(spec.pattern or "**/*.dcm") if p.is_file())
-    for path in files:
-        rel = path.relative_to(base).as_posix()
-        try:  # built whole before yielding: a failure leaves no half-listed file
-            recs = _file_records(spec, path, base, rel, limits)
-        except Exception as exc:  # one odd file costs its records, never the listing
-            recs = [RawRecord(spec.name, spec.kind, rel, rel, raw={"path": rel},
-                              problem=f"unreadable DICOM file {rel}: {type(exc).__name__}: {exc}")]
-        yield from recs
+    yield from per_file_records(spec, root, "**/*.dcm", "DICOM", _file_records, limits)
 
 
 def read_header(path: Path, name: str, limits):

@@ -6,14 +6,31 @@ import os
 import stat
 import zlib
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 
 from mmkd.config import CurateCfg
 from mmkd.data.imaging import RecordError, open_image, to_rgb8
-from mmkd.data.sources import inside
+from mmkd.data.sources import RawRecord, inside
 
 _CHUNK = 1 << 20
+
+
+def per_file_records(spec, root: Path, default_pattern: str, what: str, file_records, limits) -> Iterator[RawRecord]:
+    """Each file of a file-per-volume source (a file root, or the files under a folder root matching the source's
+    pattern) through `file_records(spec, path, base, rel, limits)`, built whole per file: an exception costs that
+    file's records (one quarantined record naming it), never the listing."""
+    base = root.parent if root.is_file() else root
+    files = [root] if root.is_file() else sorted(p for p in root.glob(spec.pattern or default_pattern) if p.is_file())
+    for path in files:
+        rel = path.relative_to(base).as_posix()
+        try:
+            recs = file_records(spec, path, base, rel, limits)
+        except Exception as exc:  # noqa: BLE001 - one odd file costs its records
+            recs = [RawRecord(spec.name, spec.kind, rel, rel, raw={"path": rel},
+                              problem=f"unreadable {what} file {rel}: {type(exc).__name__}: {exc}")]
+        yield from recs
 
 
 def limit(limits, name: str) -> int:

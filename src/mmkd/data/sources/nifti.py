@@ -16,7 +16,7 @@ import numpy as np
 
 from mmkd.data.imaging import RecordError, check_size, gray_to_rgb, percentile_window
 from mmkd.data.sources import RawRecord, inside, source_root
-from mmkd.data.sources.files import contained, limit, sidecar_text
+from mmkd.data.sources.files import per_file_records, contained, limit, sidecar_text
 
 AXES = ("sagittal", "coronal", "axial")
 
@@ -27,16 +27,7 @@ def iter_records(spec, data_root: Path, limits=None) -> Iterator[RawRecord]:
         raise ValueError(f"source '{spec.name}': slices must be >= 1, got {spec.slices}")
     if spec.caption_template:
         _format(spec, "name", 0)  # a bad template is a config error: fail early
-    base = root.parent if root.is_file() else root
-    files = [root] if root.is_file() else sorted(p for p in root.glob(spec.pattern or "**/*.nii*") if p.is_file())
-    for path in files:
-        rel = path.relative_to(base).as_posix()
-        try:  # built whole before yielding: a failure leaves no half-listed file
-            recs = _file_records(spec, path, base, rel, limits)
-        except Exception as exc:  # one odd file costs its records, never the listing
-            recs = [RawRecord(spec.name, spec.kind, rel, rel, raw={"path": rel},
-                              problem=f"unreadable NIfTI file {rel}: {type(exc).__name__}: {exc}")]
-        yield from recs
+    yield from per_file_records(spec, root, "**/*.nii*", "NIfTI", _file_records, limits)
 
 
 def check_header(path: Path, name: str, limits) -> None:
