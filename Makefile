@@ -31,6 +31,7 @@ run: install
 	@echo "dvc.lock updated; 'dvc repro' now reports the pipeline up to date."
 
 test: install
+	bash tests/system_deps.sh
 	PATH=$(CURDIR)/$(BIN):$$PATH bash tests/run.sh
 
 smoke: install
