@@ -24,6 +24,7 @@ from mmkd.tracking.gate import (
     gate,
     metric_value,
     read_score,
+    PIPELINE_TAG,
     register_student,
 )
 
@@ -163,6 +164,21 @@ def test_a_champion_scored_on_another_evaluation_is_not_compared(registry):
     assert "scored on another evaluation (aaaa, now bbbb)" in other.reason
     tags = client.get_model_version("evals", other.version).tags
     assert tags["mmkd.gate_evaluation"] == "bbbb"
+
+
+def test_a_retried_registration_of_one_pipeline_run_reuses_its_version(registry):
+    """A register step retried by Prefect (same parent run, a new step run) gates the version its first attempt
+    created instead of creating a second one; another pipeline run gets a version of its own."""
+    client, name = registry["client"], "mmkd-retried"
+    first, _ = register(registry, 0.5, name, pipeline_run="parent-a")
+    again, _ = register(registry, 0.5, name, pipeline_run="parent-a")
+    assert again.version == first.version and again.promoted and again.champion_version == first.version
+    assert [str(v.version) for v in client.search_model_versions(f"name = '{name}'")] == [first.version]
+    assert client.get_model_version(name, first.version).tags[PIPELINE_TAG] == "parent-a"
+    other, _ = register(registry, 0.4, name, pipeline_run="parent-b")
+    assert other.version != first.version and not other.promoted
+    assert sorted(str(v.version) for v in client.search_model_versions(f"name = '{name}'")) == ["1", "2"]
+    assert aliases(client, name) == {"champion": first.version, "challenger": other.version}
 
 
 def test_metric_paths(tmp_path):

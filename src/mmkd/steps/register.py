@@ -24,7 +24,8 @@ def step_register(ctx: Context, run: StepRun) -> dict:
         tracker.uri, run.run_id, ws.student, ws.metrics, cfg.model_name, cfg.metric, cfg.higher_is_better,
         cfg.challenger_alias, cfg.champion_alias,
         metadata={"profile": p.profile, "mean_metrics": metrics.get("student", {}).get("mean")},
-        evaluation=evaluation, serving=p.serving.model_dump())  # the limits the served model enforces
+        evaluation=evaluation, serving=p.serving.model_dump(),  # the limits the served model enforces
+        pipeline_run=ctx.parent_run_id)  # a retried register step of this pipeline run reuses its version
     # the data the version was trained on (data.dvc's hash): the dashboard's history of champions shows it
     data_version = data_hash(ws.root, ws.raw_manifest)
     tracker.client.set_model_version_tag(cfg.model_name, decision.version, DATA_TAG, data_version)

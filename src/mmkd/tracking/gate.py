@@ -34,6 +34,7 @@ DECISION_TAG = "mmkd.gate_decision"  # promoted | held
 REASON_TAG = "mmkd.gate_reason"
 EVALUATION_TAG = "mmkd.gate_evaluation"  # what the score was measured on (reports/evaluation.json's id)
 DATA_TAG = "mmkd.data_version"  # the data it was trained on: data.dvc's hash (set by the register step)
+PIPELINE_TAG = "mmkd.pipeline_run"  # the parent run that registered it: a retried register step reuses the version
 
 
 class GateError(ValueError):
@@ -138,6 +139,9 @@ def gate(client: MlflowClient, model_name: str, version: str, score: float, metr
     champ_score = None
     if champ is None:
         promoted, reason = True, f"no {champion_alias} yet: version {version} is the first"
+    elif champ_version == version:  # gated again (a retried registration): it stays what it became
+        promoted = True
+        reason = (champ.tags or {}).get(REASON_TAG) or f"version {version} is already {champion_alias}"
     else:
         champ_score, why = _recorded_score(champ, metric, evaluation)
         if champ_score is None:
@@ -160,19 +164,38 @@ def gate(client: MlflowClient, model_name: str, version: str, score: float, metr
                     champion_alias=champion_alias, evaluation=evaluation)
 
 
+def version_of_pipeline_run(client: MlflowClient, model_name: str, pipeline_run: str) -> str | None:
+    """The version of `model_name` that pipeline run `pipeline_run` registered already (an earlier attempt of a
+    retried register step), or None."""
+    try:
+        found = client.search_model_versions(f"name = '{model_name}' and tags.`{PIPELINE_TAG}` = '{pipeline_run}'")
+    except MlflowException as e:
+        if e.error_code == "RESOURCE_DOES_NOT_EXIST":  # no such registered model yet
+            return None
+        raise
+    return str(min(int(v.version) for v in found)) if found else None
+
+
 def register_student(tracking_uri: str, run_id: str, checkpoint: Path, metrics_path: Path, model_name: str,
                      metric: str, higher_is_better: bool = True, challenger_alias: str = "challenger",
                      champion_alias: str = "champion", metadata: dict | None = None,
-                     evaluation: str | None = None, serving: dict | None = None) -> Decision:
+                     evaluation: str | None = None, serving: dict | None = None,
+                     pipeline_run: str | None = None) -> Decision:
     """Log the student checkpoint as a new version of `model_name` (from run `run_id`) and gate it.
 
-    The score is read first: a bad metric path fails before any version is created.
+    The score is read first: a bad metric path fails before any version is created. `pipeline_run` (the parent
+    run) makes registration idempotent: the version is created tagged with it, and a retried register step of the
+    same pipeline run gates that version again instead of creating a second one.
     """
     from mmkd.tracking.pyfunc import log_student
 
     score = read_score(metrics_path, metric)
-    info = log_student(Path(checkpoint), run_id, tracking_uri, model_name,
-                       {**(metadata or {}), "gate_metric": metric, "gate_score": score}, serving=serving)
     client = MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
-    return gate(client, model_name, str(info.registered_model_version), score, metric, higher_is_better,
-                challenger_alias, champion_alias, evaluation)
+    version = version_of_pipeline_run(client, model_name, pipeline_run) if pipeline_run else None
+    if version is None:
+        info = log_student(Path(checkpoint), run_id, tracking_uri, model_name,
+                           {**(metadata or {}), "gate_metric": metric, "gate_score": score}, serving=serving,
+                           version_tags={PIPELINE_TAG: pipeline_run} if pipeline_run else None)
+        version = str(info.registered_model_version)
+    return gate(client, model_name, version, score, metric, higher_is_better, challenger_alias, champion_alias,
+                evaluation)

@@ -148,23 +148,28 @@ PIP_REQUIREMENTS = ["torch", "open_clip_torch", "safetensors", "pillow", "pandas
 
 
 def log_student(checkpoint: Path, run_id: str, tracking_uri: str, registered_model_name: str | None = None,
-                metadata: dict | None = None, serving: dict | None = None):
+                metadata: dict | None = None, serving: dict | None = None, version_tags: dict | None = None):
     """Log a student checkpoint folder as the models-from-code pyfunc `student` of run `run_id`.
 
-    With `registered_model_name` it is also registered as a new version of that model. `serving` (a ServingCfg's
-    fields, default its defaults) becomes the model's model_config: the limits the served model enforces.
+    With `registered_model_name` it is also registered as a new version of that model, created with
+    `version_tags` (so that a tag and its version exist together or not at all). `serving` (a ServingCfg's fields,
+    default its defaults) becomes the model's model_config: the limits the served model enforces.
     Returns MLflow's ModelInfo (`registered_model_version`, `model_uri`).
     """
     from mmkd.config import ServingCfg
 
     limits = ServingCfg(**(serving or {})).model_dump()
     with _mlflow_uris(tracking_uri), mlflow.start_run(run_id=run_id):
-        return mlflow.pyfunc.log_model(
+        info = mlflow.pyfunc.log_model(
             name=MODEL_NAME, python_model=str(Path(__file__).with_name("student_model_code.py")),
             artifacts={"checkpoint": str(checkpoint)}, signature=signature(), input_example=example_input(),
-            code_paths=[str(Path(__file__).parents[1])], pip_requirements=PIP_REQUIREMENTS,
-            registered_model_name=registered_model_name, await_registration_for=60, metadata=metadata,
+            code_paths=[str(Path(__file__).parents[1])], pip_requirements=PIP_REQUIREMENTS, metadata=metadata,
             model_config=limits)
+        if registered_model_name:
+            version = mlflow.register_model(info.model_uri, registered_model_name, await_registration_for=60,
+                                            tags=version_tags)
+            info.registered_model_version = int(version.version)
+    return info
 
 
 @contextmanager
