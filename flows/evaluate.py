@@ -19,7 +19,8 @@ def evaluate(profile: str | None = None, root: str = ".", params_path: str | Non
         t0 = time.perf_counter()
         parent = start_pipeline(ctx, entry="prefect", tags={"mmkd.trigger": "evaluate"}, name="evaluate")
         try:
-            result = evaluate_step(str(ctx.ws.root), str(ctx.params_path), ctx.params.profile, parent)
+            # asked for on demand: always scored again (unchanged units come from the embedding cache)
+            result = evaluate_step(str(ctx.ws.root), str(ctx.params_path), ctx.params.profile, parent, force=True)
         except BaseException:
             finish_pipeline(ctx, parent, ok=False)
             raise

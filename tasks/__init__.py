@@ -40,7 +40,8 @@ def step_task(name: str):
     the schedule section's defaults; the retrain flow applies the workspace's own with `with_options`."""
 
     @task(name=name, cache_policy=NO_CACHE, **retry_options(ScheduleCfg()))
-    def _run(root: str, params_path: str, profile: str, parent_run_id: str) -> dict:
-        return run_step(name, Context.load(root, params_path, profile, parent_run_id))
+    def _run(root: str, params_path: str, profile: str, parent_run_id: str, force: bool = False) -> dict:
+        # a flow's step: skipped when unchanged since its last success (schedule.skip_unchanged), unless forced
+        return run_step(name, Context.load(root, params_path, profile, parent_run_id), reuse=not force)
 
     return _run

@@ -30,7 +30,8 @@ def task_runner(features):
 
 
 @flow(name="cache_features")
-def cache_features_flow(root: str, params_path: str, profile: str, parent_run_id: str | None) -> dict:
+def cache_features_flow(root: str, params_path: str, profile: str, parent_run_id: str | None,
+                        force: bool = False) -> dict:
     """The cache_features step with its units mapped as tasks; the step itself plans and commits them."""
     ctx = Context.load(root, params_path, profile, parent_run_id)
 
@@ -39,13 +40,13 @@ def cache_features_flow(root: str, params_path: str, profile: str, parent_run_id
         return [f.result() for f in futures]
 
     ctx.map_units = map_units
-    return run_step("cache_features", ctx)
+    return run_step("cache_features", ctx, reuse=not force)
 
 
-def cache_features(root: str, params_path: str, profile: str, parent_run_id: str | None) -> dict:
+def cache_features(root: str, params_path: str, profile: str, parent_run_id: str | None, force: bool = False) -> dict:
     """Called like every step task; runs the subflow on the task runner params.yaml chooses."""
     runner = task_runner(Context.load(root, params_path, profile).params.features)
-    return cache_features_flow.with_options(task_runner=runner)(root, params_path, profile, parent_run_id)
+    return cache_features_flow.with_options(task_runner=runner)(root, params_path, profile, parent_run_id, force)
 
 
 cache_features.name = "cache_features"

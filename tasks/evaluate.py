@@ -17,7 +17,7 @@ def evaluate_unit(root: str, params_path: str, profile: str, model: str, dataset
 
 
 @flow(name="evaluate-units")
-def evaluate_flow(root: str, params_path: str, profile: str, parent_run_id: str | None) -> dict:
+def evaluate_flow(root: str, params_path: str, profile: str, parent_run_id: str | None, force: bool = False) -> dict:
     """The evaluate step, its units mapped as tasks; the step plans them and writes the reports."""
     ctx = Context.load(root, params_path, profile, parent_run_id)
 
@@ -35,13 +35,13 @@ def evaluate_flow(root: str, params_path: str, profile: str, parent_run_id: str 
                 record_failure(ctx, model, dataset, error)
 
     ctx.map_eval_units = map_eval_units
-    return run_step("evaluate", ctx)
+    return run_step("evaluate", ctx, reuse=not force)
 
 
-def evaluate(root: str, params_path: str, profile: str, parent_run_id: str | None) -> dict:
+def evaluate(root: str, params_path: str, profile: str, parent_run_id: str | None, force: bool = False) -> dict:
     """Called like every step task. One unit at a time: each already uses every core through torch."""
     return evaluate_flow.with_options(task_runner=ThreadPoolTaskRunner(max_workers=1))(
-        root, params_path, profile, parent_run_id)
+        root, params_path, profile, parent_run_id, force)
 
 
 evaluate.name = "evaluate"

@@ -184,8 +184,14 @@ def test_a_drop_is_versioned_cached_incrementally_retrained_and_gated(smoke_run,
     assert rows_after == rows_before + n_new
     quarantine = (root / "artifacts" / "curated" / "quarantine.jsonl").read_text()
     assert "not-there.png" in quarantine and "invalid JSON" in quarantine
-    # teachers retrain to the same bytes (same seed, same corpus): their features stay valid, only new pairs run
+    # the teachers (their own corpora, same params and code) are not trained again: the step is skipped, recorded
+    # as such with its fingerprint; their features stay valid, only the new pairs are sent through them
     assert (root / "artifacts" / "teachers" / "teachers.json").read_bytes() == teachers_before
+    assert result["retrain"]["skipped"] == ["teachers"]
+    client = MlflowClient(smoke_run["tracking_uri"], registry_uri=smoke_run["tracking_uri"])
+    skipped = client.get_run(result["retrain"]["run_ids"]["teachers"])
+    assert skipped.data.tags["mmkd.skipped"] == "true" and skipped.data.tags["mmkd.fingerprint"]
+    assert skipped.data.tags["mlflow.parentRunId"] == result["retrain"]["parent_run_id"]
     cached = steps["cache_features"]
     assert {k: v for k, v in cached.items() if k.startswith("forwarded_")} == \
         {f"forwarded_{t.name}": n_new for t in ctx.params.teachers.registry}
@@ -193,7 +199,6 @@ def test_a_drop_is_versioned_cached_incrementally_retrained_and_gated(smoke_run,
     reg = result["retrain"]["registration"]
     assert reg["version"] == "2" and reg["previous_champion_version"] == "1" and reg["champion_score"] is not None
     assert reg["champion_version"] == ("2" if reg["promoted"] else "1") and reg["reason"]
-    client = MlflowClient(smoke_run["tracking_uri"], registry_uri=smoke_run["tracking_uri"])
     v2 = client.get_model_version("mmkd-student-inbox", "2")
     assert v2.tags["mmkd.data_version"] == result["data_version"] == reg["data_version"]
     assert v2.tags["mmkd.gate_decision"] == ("promoted" if reg["promoted"] else "held")

@@ -128,3 +128,37 @@ def test_student_starts_from_a_natural_image_clip_image_tower(tmp_path):
         init_from_clip(student, tmp_path / "hub", towers=("vision_model",))
     with pytest.raises(InitError, match="does not exist"):
         init_from_clip(student, tmp_path / "nowhere.pt")
+
+
+def test_the_trimmed_text_tower_gives_the_full_towers_features_and_gradients():
+    """Positions after the batch's last end-of-text token reach no output (causal mask, argmax pooling): cutting
+    them changes neither the text features nor any parameter's gradient, beyond float rounding."""
+    import copy
+    import types
+
+    from open_clip.model import CLIP
+
+    torch.manual_seed(0)
+    trimmed = create_model("mmkd-teacher-vit-s")
+    full = copy.deepcopy(trimmed)
+    full.encode_text = types.MethodType(CLIP.encode_text, full)  # open_clip's own: all 32 positions
+    assert trimmed.encode_text.__func__ is not CLIP.encode_text
+    tok = open_clip.get_tokenizer("mmkd-teacher-vit-s")
+    text = tok(["Chest X-ray.", "CXR showing small left consolidation at the base of the lung, stable."])
+    assert int(text.argmax(-1).max()) + 1 < text.shape[1]  # there is something to cut
+    images = torch.randn(2, 3, 48, 48)
+    losses = []
+    for model in (trimmed, full):
+        img, txt, scale = model(images, text)[:3]
+        loss = (scale * img @ txt.T).logsumexp(-1).sum()
+        loss.backward()
+        losses.append((txt.detach(), loss.item(), {k: p.grad.clone() for k, p in model.named_parameters()}))
+    (t1, l1, g1), (t2, l2, g2) = losses
+    torch.testing.assert_close(t1, t2, rtol=1e-5, atol=1e-6)
+    assert math.isclose(l1, l2, rel_tol=1e-6)
+    for k in g1:
+        scale = float(g2[k].abs().max())  # rounding is relative to the largest entry of a summed gradient
+        torch.testing.assert_close(g1[k], g2[k], rtol=1e-4, atol=1e-6 * max(1.0, scale), msg=k)
+    # a deep copy (DDP, EMA) keeps the trimmed tower bound to the copy itself
+    twin = copy.deepcopy(trimmed)
+    assert twin.encode_text.__self__ is twin

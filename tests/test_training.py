@@ -117,7 +117,9 @@ def test_accumulation_matches_one_pass(tmp_path):
         train(model, images, tokens, cfg, _Contrastive(), 3, torch.device("cpu"), "accum")
         weights.append({k: v.clone() for k, v in model.state_dict().items()})
     for k in weights[0]:
-        assert torch.allclose(weights[0][k], weights[1][k], atol=2e-5), k
+        # float rounding, amplified by Adam where gradients are tiny, reaches ~2e-5 (measured: 1.9e-5 with the full text
+        # context, 2.3e-5 with it cut at the batch's last end-of-text token); a wrong gradient moves weights by ~lr=1e-3
+        assert torch.allclose(weights[0][k], weights[1][k], atol=5e-5), k
 
 
 def test_sigkill_and_resume_gives_identical_weights(tmp_path):

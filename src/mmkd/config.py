@@ -501,6 +501,9 @@ class ScheduleCfg(Strict):
     retries: int = Field(2, ge=0)
     retry_backoff_seconds: float = Field(10.0, ge=0)
     retry_jitter: float = Field(0.5, ge=0)
+    # a flow skips a step whose inputs, params and code are those of its last successful run (mmkd.steps.reuse);
+    # `mmkd run --force` runs every step
+    skip_unchanged: bool = True
 
 
 class InboxCfg(Strict):

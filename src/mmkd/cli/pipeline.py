@@ -86,8 +86,11 @@ def evaluate(datasets: Optional[str] = typer.Option(
 
 
 @app.command("run")
-def run(profile: Optional[str] = ProfileOpt, root: Path = RootOpt, params: Optional[Path] = ParamsOpt):
-    """Run the whole `retrain` Prefect flow: curate -> ... -> register."""
+def run(profile: Optional[str] = ProfileOpt, root: Path = RootOpt, params: Optional[Path] = ParamsOpt,
+        force: bool = typer.Option(False, "--force", help="run every step, even those unchanged since their last "
+                                                          "success (schedule.skip_unchanged skips them)")):
+    """Run the whole `retrain` Prefect flow: curate -> ... -> register (steps unchanged since their last success
+    are skipped)."""
     _setup_logging()
     ctx = _context(root, params, profile)  # fail fast on bad params, before Prefect starts
     from flows.retrain import (
@@ -95,7 +98,8 @@ def run(profile: Optional[str] = ProfileOpt, root: Path = RootOpt, params: Optio
     )
 
     with exit_when_busy("mmkd run"):
-        result = retrain(profile=ctx.params.profile, root=str(ctx.ws.root), params_path=str(ctx.params_path))
+        result = retrain(profile=ctx.params.profile, root=str(ctx.ws.root), params_path=str(ctx.params_path),
+                         force=force)
     ws = ctx.ws
     typer.echo("\n" + ws.leaderboard.read_text())
     typer.echo(f"metrics:      {ws.metrics}\nleaderboard:  {ws.leaderboard}\nData Docs:    {ws.reports / 'data_docs' / 'index.html'}")
@@ -104,4 +108,6 @@ def run(profile: Optional[str] = ProfileOpt, root: Path = RootOpt, params: Optio
     typer.echo(f"gate:         {'promoted to' if reg['promoted'] else 'not promoted to'} {reg['champion_alias']}: "
                f"{reg['reason']}; {reg['champion_uri']} is v{reg['champion_version']}")
     typer.echo("MLflow UI:    bash mlflow_server/start.sh   then open http://127.0.0.1:5000")
+    if result["skipped"]:
+        typer.echo(f"skipped:      {', '.join(result['skipped'])} (unchanged since their last success; --force runs them)")
     typer.echo(f"wall time:    {result['seconds']:.0f} s")

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import json
 import logging
+import types
 from pathlib import Path
 
 import numpy as np
 import open_clip
 import torch
 import torch.nn.functional as F
+from open_clip.model import text_global_pool
 from safetensors.torch import load_file, save
 
 from mmkd.models.preprocess import OPENAI_MEAN, OPENAI_STD, ImageSpec, spec_from_open_clip
@@ -54,9 +56,35 @@ def create_model(name: str, device: str | torch.device = "cpu") -> torch.nn.Modu
     root, notice = logging.getLogger(), _NoPretrainedNotice()
     root.addFilter(notice)
     try:
-        return open_clip.create_model(name, pretrained=None, device=device)
+        model = open_clip.create_model(name, pretrained=None, device=device)
     finally:
         root.removeFilter(notice)
+    return trim_text_context(model)
+
+
+def trim_text_context(model: torch.nn.Module) -> torch.nn.Module:
+    """Run the text tower only up to the batch's last end-of-text token.
+
+    With a causal mask and pooling at the end-of-text token (open_clip's `argmax`), positions after the longest
+    caption's end-of-text token reach no output, so cutting them gives the same features and gradients (to float
+    rounding) for ~30% less text compute on the embedded corpora's captions (23 of 32 tokens per batch)."""
+    if getattr(model, "text_pool_type", None) != "argmax" or getattr(model, "attn_mask", None) is None:
+        return model  # another pooling, or bidirectional attention: every position counts
+    model.encode_text = types.MethodType(_encode_text_trimmed, model)
+    return model
+
+
+def _encode_text_trimmed(self, text: torch.Tensor, normalize: bool = False) -> torch.Tensor:
+    n = int(text.argmax(dim=-1).max()) + 1  # the end-of-text token has the highest id (as text_global_pool assumes)
+    text = text[:, :n]
+    cast_dtype = self.transformer.get_cast_dtype()
+    x = self.token_embedding(text).to(cast_dtype) + self.positional_embedding[:n].to(cast_dtype)
+    x = self.transformer(x, attn_mask=self.attn_mask[:n, :n])
+    x = self.ln_final(x)
+    x = text_global_pool(x, text, self.text_pool_type)
+    if self.text_projection is not None:
+        x = self.text_projection(x) if isinstance(self.text_projection, torch.nn.Linear) else x @ self.text_projection
+    return F.normalize(x, dim=-1) if normalize else x
 
 
 def resolve_device(spec: str = "auto") -> torch.device:

@@ -17,6 +17,25 @@ def _curated_keys(curated_dir) -> dict[str, str]:
         return {r["key"]: f"curated {r['split']} record {r['id']}" for r in map(json.loads, filter(str.strip, fh))}
 
 
+CORPUS_KEYS = "corpus_keys.json"
+
+
+def check_corpora_against_curated(ctx: Context) -> None:
+    """The disjointness check again, for teachers trained earlier on their own corpora (a flow that reuses them):
+    no curated record, of any split, may have the pixels of a sample a teacher trained on."""
+    from mmkd.data.teacher_corpus import TeacherCorpusError
+
+    path = ctx.ws.teachers / CORPUS_KEYS
+    if ctx.params.teachers.corpus.source != "synthetic" or not path.exists():
+        return
+    taken = _curated_keys(ctx.ws.curated)
+    for teacher, keys in json.loads(path.read_text()).items():
+        for key in keys:
+            if key in taken:
+                raise TeacherCorpusError(f"teacher '{teacher}' trained on an image with the same pixels as "
+                                         f"{taken[key]} (content key {key}): the teacher has seen data of the student")
+
+
 def step_teachers(ctx: Context, run: StepRun) -> dict:
     from mmkd.data.store import open_images, split_records
     from mmkd.data.teacher_corpus import CorpusRequest, check_disjoint, render_corpora
@@ -43,7 +62,13 @@ def step_teachers(ctx: Context, run: StepRun) -> dict:
         for name, corpus in corpora.items():
             check_disjoint(corpus, taken)
             taken.update({r["key"]: f"teacher '{name}' corpus sample {r['id']}" for r in corpus.records})
+        # what a flow reusing these teachers checks new curated records against (check_corpora_against_curated)
+        ws.teachers.mkdir(parents=True, exist_ok=True)
+        atomic.write_json(ws.teachers / CORPUS_KEYS, {n: sorted(r["key"] for r in c.records)
+                                                      for n, c in sorted(corpora.items())}, indent=None)
         run.log_metrics({"corpus_seconds": time.perf_counter() - t0})
+    else:  # no corpus of their own: a list left by an earlier configuration would check the wrong keys
+        (ws.teachers / CORPUS_KEYS).unlink(missing_ok=True)
     out: dict = {}
     ws.teachers.mkdir(parents=True, exist_ok=True)
     for i, spec in enumerate(p.teachers.registry):
