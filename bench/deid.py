@@ -104,19 +104,12 @@ def evaluate(scrub, rows: list[dict]) -> dict:
 
 
 def default_captions(n: int = 10_000) -> list[str]:
-    """n captions of the embedded corpus' vocabulary (every modality, finding and attribute), as curation sees them."""
-    from mmkd.data.synth import SPECS, caption_for
+    """n captions of the embedded corpus' vocabulary (every modality, finding and attribute), as curation sees them:
+    the captions render_sample writes (they describe each image, so they come with one, rendered small)."""
+    from mmkd.data.synth import SPECS, render_sample
 
-    rng = np.random.default_rng(0)
     mods = sorted(SPECS)
-    out = []
-    for i in range(n):
-        m = mods[i % len(mods)]
-        finding = list(SPECS[m].findings)[(i // len(mods)) % len(SPECS[m].findings)]
-        attrs = {"side": str(rng.choice(["left", "right"])), "size": str(rng.choice(["small", "large"])),
-                 "grade": str(rng.choice(["mild", "severe"]))}
-        out.append(caption_for(rng, m, finding, attrs))
-    return out
+    return [render_sample(0, mods[i % len(mods)], "train", i // len(mods), 16, 0.7)[1]["caption"] for i in range(n)]
 
 
 def timed(scrub, captions: list[str]) -> float:

@@ -24,7 +24,7 @@ from tasks.synth import synth
 from tasks.teachers import teachers
 from tasks.validate import validate
 
-PIPELINE_TASKS = (curate, validate, teachers, cache_features, align, pretrain, distill, evaluate, register)
+PIPELINE_TASKS = (curate, validate, teachers, cache_features, pretrain, align, distill, evaluate, register)
 
 
 def with_retries(task, schedule):

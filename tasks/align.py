@@ -1,4 +1,4 @@
-"""Prefect task: Train the multi-teacher projector over the feature store and write the aligned features."""
+"""Prefect task: map the teachers into the stage-1 student's space and write the aligned features."""
 
 from tasks import step_task
 

@@ -12,6 +12,7 @@ from typer.testing import CliRunner
 from mmkd.config import MODALITIES
 from mmkd.evaluation.catalog import (
     CATALOG_PATH,
+    SPLIT_UNITS,
     CatalogError,
     embedded_entries,
     load_catalog,
@@ -59,7 +60,7 @@ def _raw(name="ok-set", **kw):
                 options={"file": "x.npz"}, source="https://example.org", licence="CC0", get="download x.npz",
                 layout="x.npz", splits=["test"], classes=["a", "b"],
                 prompts={"a": ["an a", "image of a"], "b": ["a b", "image of b"]}, multilabel=False,
-                metrics=["zeroshot_acc1"])
+                metrics=["zeroshot_acc1"], split_by="single-split")
     return {**base, **kw}
 
 
@@ -70,6 +71,12 @@ def _raw(name="ok-set", **kw):
     (dict(tasks=["vqa"]), ["tasks", "vqa"]),
     (dict(modalities=["xray", "radar"]), ["modalities"]),
     (dict(metrics=["mil_auc"]), ["metrics", "mil_auc"]),
+    (dict(split_by="by-chance"), ["split_by"]),
+    (dict(split_by="patient"), ["split_by", "single-split"]),
+    (dict(split_by="synthetic"), ["split_by", "embedded"]),
+    (dict(facts=[{"fact": "CC0", "source": "the web"}]), ["facts.0.source"]),
+    (dict(tasks=["zeroshot", "probe"], splits=["train", "test"], metrics=["zeroshot_acc1", "probe_acc1"],
+          split_by="hashed-file"), ["split_by", "hashed-file"]),
 ])
 def test_a_bad_entry_is_named_with_its_key(tmp_path, bad, words):
     path = _write(tmp_path, [_raw(), _raw("broken-set", **bad)])
@@ -93,9 +100,9 @@ def test_status_of_a_missing_dataset_says_where_and_how_to_get_it(tmp_path, cata
     assert state == "missing" and str(folder) in detail and e.get in detail
     with pytest.raises(DatasetMissing, match="oct2017.*rscbjbr9sj|oct2017.*Mendeley"):
         load_dataset(e, folder)
-    (folder / "OCT2017" / "train" / "CNV").mkdir(parents=True)
+    (folder / "CellData" / "OCT" / "train" / "CNV").mkdir(parents=True)
     state, detail = status(e, folder)
-    assert state == "incomplete" and "OCT2017/test" in detail
+    assert state == "incomplete" and "CellData/OCT/test" in detail
 
 
 def test_status_present_and_incomplete_without_loading(tmp_path, catalog):
@@ -157,6 +164,10 @@ def test_datasets_list_cli_shows_present_and_missing(tmp_path):
     lines = out.output.splitlines()
     row = {ln.split()[0]: ln for ln in lines if ln and not ln.startswith(" ")}
     assert row["pneumoniamnist"].endswith("present") and row["embedded-mil-pathology"].endswith("present")
+    assert row["chestx-ray14"].split()[-2] == "patient" and row["pathmnist"].split()[-2] == "image*"
+    assert row["embedded-xray"].split()[-2] == "synthetic" and row["chexpert-5x200"].split()[-2] == "single-split"
+    flagged = sum(e.split_flagged for e in load_catalog())
+    assert f"* split not by patient ({flagged} datasets)" in out.output
     assert row["pathmnist"].endswith("missing") and row["embedded-xray"].endswith("missing")
     i = lines.index(row["pathmnist"])
     assert lines[i + 1].strip() == f"looked for {tmp_path / 'data' / 'eval' / 'medmnist' / 'pathmnist.npz'}"
@@ -166,7 +177,123 @@ def test_datasets_list_cli_shows_present_and_missing(tmp_path):
     js = json.loads(runner.invoke(app, ["datasets", "list", "--root", str(tmp_path), "--json"]).output)
     states = {d["name"]: d["status"] for d in js["datasets"]}
     assert states["pneumoniamnist"] == "present" and states["tcga-brca-survival"] == "missing" and len(states) == 72
+    units = {d["name"]: (d["split_by"], d["patient_level_split"], d["split_flagged"]) for d in js["datasets"]}
+    assert units["ham10000"] == ("lesion", False, True) and units["odir-5k"] == ("patient", True, False)
 
     verbose = runner.invoke(app, ["datasets", "list", "--root", str(tmp_path), "--verbose"]).output
     tcga = next(e for e in load_catalog() if e.name == "tcga-brca-survival")
     assert tcga.get in verbose and tcga.get not in out.output
+
+
+def test_an_entry_without_split_by_is_refused(tmp_path):
+    raw = _raw("no-unit")
+    del raw["split_by"]
+    with pytest.raises(CatalogError, match="'no-unit'.*split_by"):
+        load_catalog(_write(tmp_path, [raw]))
+
+
+def test_every_entry_says_how_it_is_split_and_non_patient_splits_are_flagged(catalog):
+    by = {e.name: e for e in catalog}
+    assert all(e.split_by in SPLIT_UNITS for e in catalog)
+    assert {e.split_by for e in catalog} >= {"patient", "lesion", "study", "slide", "video", "image", "hashed-file",
+                                            "single-split"}
+    for name in ("chestx-ray14", "odir-5k", "pad-ufes-20", "figshare-brain-tumor", "tcga-brca-survival"):
+        assert by[name].patient_level_split and not by[name].split_flagged, name
+    for name in ("ham10000", "isic2019", "lits-slices", "pocus", "camelyon16", "kvasir-v2", "busi", "dermamnist"):
+        assert not by[name].patient_level_split and by[name].split_flagged, name
+    assert not by["chexpert-5x200"].split_flagged and not by["chexpert-5x200"].patient_level_split
+    # the declared unit agrees with what the loader options do
+    for e in catalog:
+        grouped = e.split_by in ("patient", "lesion", "study", "video")
+        if grouped and e.format == "csv_manifest" and not e.opts.split_col:
+            assert e.opts.split_by, e.name
+    assert all(e.patient_level_split and not e.split_flagged for e in embedded_entries())
+
+
+def _facts(e):
+    return " ".join(f.fact for f in e.facts), [f.source for f in e.facts]
+
+
+def test_catalog_facts_of_issue_18_with_their_sources(catalog):
+    by = {e.name: e for e in catalog}
+    medmnist = [e for e in catalog if e.format == "medmnist_npz"]
+    assert [e.name for e in medmnist if "NC" in e.licence] == ["dermamnist"]
+    assert by["dermamnist"].licence.startswith("CC BY-NC 4.0")
+    assert all(e.licence == "CC BY 4.0" for e in medmnist if e.name != "dermamnist")
+    text, src = _facts(by["dermamnist"])
+    assert "v2.2.3" in text and src == ["https://github.com/MedMNIST/MedMNIST"]
+
+    oct_ = by["oct2017"]
+    assert oct_.source.endswith("rscbjbr9sj/3") and "ZhangLabData.zip" in oct_.get and '"OCT2017 "' in oct_.get
+    assert oct_.opts.split_dirs == {"train": "CellData/OCT/train", "test": "CellData/OCT/test"}
+    assert oct_.layout.startswith("oct2017/CellData/OCT/{train,test}")
+
+    pv = by["pathvqa"].licence
+    assert "code" in pv and "publishers" in pv and "PEIR" in pv
+    text, src = _facts(by["chexpert-5x200"])
+    get = by["chexpert-5x200"].get
+    assert "negative or blank" in get and "images, not studies" in get and "without a seed" in get
+    assert "no random_state" in text and src[0].startswith("https://github.com/marshuang80/gloria/")
+
+    cam = by["camelyon16"]
+    assert "399" in cam.get and "testing/reference.csv" in cam.get and "split = train" in cam.get
+    assert any("399" in f.fact for f in cam.facts) and any("reference.csv" in f.fact for f in cam.facts)
+
+    rsna = by["rsna-pneumonia"]
+    assert rsna.source.startswith("https://www.rsna.org/") and "attribution" in rsna.licence
+    assert "Kaggle competition rules" not in rsna.licence
+
+    isic = by["isic2019"]
+    assert isic.opts.split_by == "lesion_id" and isic.opts.manifest == "manifest.csv" and isic.split_by == "lesion"
+    busi = by["busi"]
+    assert busi.format == "csv_manifest" and busi.opts.split_by == "group" and "19%" in busi.get
+    assert any("235" in f.fact for f in busi.facts)
+    for name in ("oct2017", "dermamnist", "pathvqa", "chexpert-5x200", "camelyon16", "rsna-pneumonia", "isic2019",
+                 "busi"):
+        assert by[name].facts and all(f.source.startswith("https://") for f in by[name].facts), name
+
+
+def _png(path):
+    from PIL import Image
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.new("L", (4, 4)).save(path)
+
+
+def test_oct2017_loads_from_the_version_3_layout(tmp_path, catalog):
+    e = next(x for x in catalog if x.name == "oct2017")
+    folder = tmp_path / "oct2017"
+    for split in ("train", "test"):
+        for d in ("CNV", "DME", "DRUSEN", "NORMAL"):
+            _png(folder / "CellData" / "OCT" / split / d / f"{d}-1-{split}.jpeg")
+    assert status(e, folder)[0] == "present"
+    ds = load_dataset(e, folder)
+    assert sorted(ds.item_split.tolist()) == ["test"] * 4 + ["train"] * 4
+    assert sorted(ds.labels.tolist()) == [0, 0, 1, 1, 2, 2, 3, 3]
+
+
+def test_busi_duplicates_and_isic_lesions_stay_in_one_split(tmp_path, catalog):
+    by = {e.name: e for e in catalog}
+    busi = tmp_path / "busi"
+    rows = ["image,label,group"]
+    for k in range(40):  # 40 groups of two duplicates each
+        for copy in range(2):
+            img = f"Dataset_BUSI_with_GT/benign/benign ({k}-{copy}).png"
+            _png(busi / img)
+            rows.append(f"{img},benign,g{k}")
+    _png(busi / "Dataset_BUSI_with_GT/malignant/malignant (1).png")
+    rows.append("Dataset_BUSI_with_GT/malignant/malignant (1).png,malignant,malignant (1).png")
+    (busi / "manifest.csv").write_text("\n".join(rows) + "\n")
+    ds = load_dataset(by["busi"], busi)
+    pairs = ds.item_split[:80].reshape(40, 2)
+    assert (pairs[:, 0] == pairs[:, 1]).all() and len(set(ds.item_split.tolist())) > 1
+
+    isic = tmp_path / "isic2019"
+    rows = ["image,MEL,NV,BCC,AK,BKL,DF,VASC,SCC,lesion_id"]
+    for k in range(60):
+        _png(isic / "ISIC_2019_Training_Input" / f"ISIC_{k:07d}.jpg")
+        rows.append(f"ISIC_{k:07d},1,0,0,0,0,0,0,0,IL_{k // 3:07d}")
+    (isic / "manifest.csv").write_text("\n".join(rows) + "\n")
+    ds = load_dataset(by["isic2019"], isic)
+    triples = ds.item_split.reshape(20, 3)
+    assert (triples == triples[:, :1]).all() and len(set(ds.item_split.tolist())) > 1

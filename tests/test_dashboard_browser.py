@@ -87,7 +87,7 @@ def test_the_page_shows_metrics_json_and_the_registered_version(dashboard_url, s
                 deltas.setdefault((task, d["modality"]), []).append(metrics["student"][d["name"]][metric] - best)
     assert set(shown) == expected
 
-    # mean per task: the champion's zero-shot mean is the gate's number, student.mean.zeroshot_acc1
+    # mean per task: the champion's test zero-shot mean, student.mean.zeroshot_acc1 (the gate scores on val)
     zeroshot = next(dict(zip(means_head, (c["text"] for c in r))) for r in means if r[0]["text"] == "zeroshot")
     assert zeroshot[student] == f"{metrics['student']['mean']['zeroshot_acc1']:.3f}"
 

@@ -94,6 +94,9 @@ def local_store(tmp_path_factory) -> str:
     return f"sqlite:///{tmp_path_factory.mktemp('dashboard-store') / 'mlflow.db'}"
 
 
+_SCORES: dict[tuple[str, str], float] = {}  # (model, version) -> its val score, for the gate's comparisons
+
+
 def _retrain(client: MlflowClient, exp: str, data_hash: str, score: float, model: str) -> str:
     """What a pipeline run leaves: a parent run, an evaluate run (flat metrics only) and a register run whose
     version the gate decides on."""
@@ -108,7 +111,14 @@ def _retrain(client: MlflowClient, exp: str, data_hash: str, score: float, model
     client.set_terminated(ev.info.run_id)
     reg = client.create_run(exp, tags={"mmkd.step": "register", "mlflow.parentRunId": pid, "mmkd.profile": "smoke"})
     mv = client.create_model_version(model, f"{reg.info.artifact_uri}/student", run_id=reg.info.run_id)
-    d = gate.gate(client, model, mv.version, score, "student.mean.zeroshot_acc1")
+
+    def compare(champion: str) -> dict:  # what the register step's paired val comparison returns
+        b = _SCORES[(model, champion)]
+        return {"diff": score - b, "low": score - b - 0.02, "high": score - b + 0.02, "a": score, "b": b,
+                "n_items": 400}
+
+    d = gate.gate(client, model, mv.version, score, "val.zeroshot_acc1", compare, margin=0.01)
+    _SCORES[(model, str(mv.version))] = score
     if d.champion_score is not None:
         client.log_metric(reg.info.run_id, "gate.champion_score", d.champion_score)
     client.set_terminated(reg.info.run_id)

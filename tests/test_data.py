@@ -1,6 +1,7 @@
 """Data tests: the synthetic corpus, manifests and curation, including bad input."""
 
 import json
+import re
 
 import numpy as np
 import pytest
@@ -8,7 +9,8 @@ from PIL import Image
 
 from mmkd.config import MODALITIES, SynthCfg
 from mmkd.data.manifest import ManifestError, read_manifest
-from mmkd.data.synth import SPECS, generate, render_sample, zero_shot_prompts
+from mmkd.data import describe
+from mmkd.data.synth import SPECS, generate, render_instance, render_sample, zero_shot_prompts
 
 
 def test_render_is_deterministic_and_depends_on_seed():
@@ -57,6 +59,67 @@ def test_captions_vary_and_name_the_finding():
     tumor = [render_sample(0, "mri", "train", i, 32, 0.5)[1] for i in range(1, 60, 3)]
     assert all(r["labels"]["finding"] == "tumor" for r in tumor)
     assert any("glioma" in r["caption"] or "tumor" in r["caption"] or "mass" in r["caption"] for r in tumor)
+
+
+def _instances(modality, n, size=32):
+    return [render_instance(0, modality, "train", i, size, 0.7) for i in range(n)]
+
+
+def _level(words, caption: str) -> str:
+    """The one of `words` the caption states (the longest that matches: "very dim" before "dim"), else ""."""
+    return next((w for w in sorted(filter(None, words), key=len, reverse=True)
+                 if re.search(rf"\b{w}\b", caption, re.I)), "")
+
+
+def test_training_captions_state_the_instance():
+    """Issue 18: a training caption says how severe, large, where and how many what the renderer drew is, and the
+    technique (exposure, black level, framing) when it is off the middle."""
+    for m in MODALITIES:
+        for _, rec, seen in _instances(m, 30):
+            cap, lab, f = rec["caption"], rec["labels"], rec["labels"]["finding"]
+            assert _level(describe.EXPOSURE, cap) == describe.EXPOSURE[describe.nearest(seen["gain"], describe.GAINS)]
+            assert _level(describe.BLACK, cap) == describe.BLACK[describe.nearest(seen["bias"], describe.BIASES)]
+            if f not in ("normal", "nevus"):
+                assert re.search(rf"\b{lab['grade']}\b", cap, re.I), cap  # in the sentence, else the details
+            if (m, f) == ("xray", "pneumonia"):
+                zone = "upper" if seen["cy"] < -0.2 else "middle" if seen["cy"] < 0.05 else "lower"
+                assert f"{lab['size']} {lab['side']} {zone} zone opacity" in cap.lower(), cap
+            if m == "xray":
+                oy, ox = seen["shift"]
+                moved = re.search(r"shifted ([a-z-]+)", cap, re.I)
+                frame = moved.group(1).split("-") if moved else []
+                assert ("up" in frame, "down" in frame) == (oy < -0.03, oy > 0.03), cap
+                assert ("left" in frame, "right" in frame) == (ox < -0.03, ox > 0.03), cap
+            if (m, f) == ("mri", "tumor"):
+                zone = "anterior" if seen["cy"] < -0.15 else "central" if seen["cy"] < 0.15 else "posterior"
+                assert f"{lab['size']} {lab['side']} {zone} mass" in cap.lower(), cap
+            if m == "fundus":
+                assert f"{lab['side']} eye" in cap.lower() and f" {describe.cup(seen['cdr'])}" in cap.lower(), cap
+            if (m, f) == ("oct", "drusen"):
+                assert f"{describe.count_word(len(seen['xs']))} drusen" in cap.lower(), cap
+            if (m, f) == ("pathology", "normal"):
+                assert f"{describe.count_word(seen['glands'])} glands" in cap.lower(), cap
+            if m == "dermatology":
+                assert f"{seen['tone']} skin" in cap and bool(re.search(r"\bhair\b", cap, re.I)) == seen["hair"], cap
+            if m == "endoscopy" and f != "normal":
+                assert f"{lab['size']} {f}, " in cap.lower(), cap
+
+
+def test_training_captions_technique_matches_the_pixels():
+    """The exposure a caption states is the image's: on average each level is brighter than the one below."""
+    by_word = {}
+    for m in ("xray", "ct"):
+        for img, rec, _ in _instances(m, 120):
+            by_word.setdefault((m, _level(describe.EXPOSURE, rec["caption"])), []).append(img.mean())
+    for m in ("xray", "ct"):
+        means = [np.mean(by_word[(m, w)]) for w in describe.EXPOSURE]
+        assert means == sorted(means), (m, means)
+
+
+def test_training_captions_are_deterministic_and_mostly_distinct():
+    a = [rec["caption"] for _, rec, _ in _instances("ct", 60)]
+    assert a == [rec["caption"] for _, rec, _ in _instances("ct", 60)]
+    assert len(set(a)) >= 55  # normal images included: technique words and synonyms vary per image
 
 
 def test_prompts_cover_every_class():

@@ -10,7 +10,8 @@ from sklearn.metrics import balanced_accuracy_score, roc_auc_score
 
 from mmkd.evaluation.tasks.probe import linear_probe, subsets
 from mmkd.evaluation.tasks.retrieval import retrieval
-from mmkd.evaluation.tasks.zeroshot import column_aucs, dense_ranks, rank_aucs, zero_shot
+from mmkd.evaluation.tasks.zeroshot import (class_embeddings, column_aucs, dense_ranks, rank_aucs,
+                                            softmax_log_odds, zero_shot)
 
 
 def unit(a) -> np.ndarray:
@@ -156,6 +157,32 @@ def test_retrieval_ties_count_against():
     assert (m["t2i_r1"], m["t2i_mean_rank"]) == (0.5, 1.5)
 
 
+def test_retrieval_with_duplicate_captions_by_hand():
+    """Five images, three distinct captions (A for images 0, 1, 4; B for 2; C for 3); caption texts e0, e1, e2.
+    Similarities (image . caption): i0 = e0 -> (1, 0, 0); i1 = .6 e0 + .8 e1 -> (.6, .8, 0); i2 = e1 -> (0, 1, 0);
+    i3 = .8 e0 + .6 e2 -> (.8, 0, .6); i4 = e2 -> (0, 0, 1).
+    i2t, gallery {A, B, C} once each: ranks of the own caption i0 1, i1 2 (B .8 > A .6), i2 1, i3 2 (A .8 > C .6),
+    i4 3 (A scores 0: B ties it, C beats it) -> R@1 2/5, mean rank 9/5.
+    t2i, three queries (not five): A's positives {i0, i1, i4}, best i0 (1.0) -> rank 1; B: i2 (1.0) > i1 (.8) ->
+    1; C: i3 (.6) < i4 (1.0), a negative for C -> rank 2. R@1 2/3, mean rank 4/3."""
+    e = np.eye(3, dtype=np.float32)
+    img = np.stack([e[0], 0.6 * e[0] + 0.8 * e[1], e[1], 0.8 * e[0] + 0.6 * e[2], e[2]])
+    captions = np.array(["A", "A", "B", "C", "A"])
+    txt = e[[0, 0, 1, 2, 0]]  # one text embedding per item: identical captions, identical rows
+    found: dict = {}
+    m = retrieval(img, txt, captions, ks=(1, 2), outcomes=found)
+    assert m["i2t_r1"] == pytest.approx(2 / 5) and m["i2t_mean_rank"] == pytest.approx(9 / 5)
+    assert m["i2t_r2"] == pytest.approx(4 / 5) and m["i2t_median_rank"] == 2.0
+    assert m["t2i_r1"] == pytest.approx(2 / 3) and m["t2i_mean_rank"] == pytest.approx(4 / 3)
+    assert m["t2i_r2"] == 1.0
+    i2t, t2i = found["i2t_r1"], found["t2i_r1"]
+    assert np.array_equal(i2t.data["values"], [1, 0, 1, 0, 0]) and np.array_equal(i2t.clusters, [0, 0, 1, 2, 0])
+    assert np.array_equal(t2i.data["values"], [1, 1, 0]) and t2i.n == 3
+    for idx in i2t.plan(42, resamples=50):  # the bootstrap draws caption groups: A's three images together
+        counts = np.bincount(idx, minlength=5)
+        assert counts[0] == counts[1] == counts[4] and len(idx) == 3 * counts[0] + counts[2] + counts[3]
+
+
 def test_retrieval_groups_make_duplicates_positive():
     """Items 0 and 1 have the same caption: without groups each image ties its caption with the duplicate."""
     rng = np.random.default_rng(7)
@@ -236,6 +263,42 @@ def test_probe_random_labels_score_chance():
     y = rng.integers(0, 2, 1400)
     m = linear_probe(x[:300], y[:300], x[300:400], y[300:400], x[400:], y[400:], 2, seed=0, k_shots=())
     assert abs(m["probe_acc1"] - 0.5) < 0.06  # sd 0.016
+
+
+def test_probe_over_head_seeds_is_the_mean_and_its_outcome_the_per_item_mean():
+    """Three seeds: each fraction's subsets differ per seed; the value is the mean of the single-seed values, the
+    per-item outcome the mean of each seed's correctness, and the deterministic 100% fit is the same for all."""
+    rng = np.random.default_rng(11)
+    tr, va, te = clustered(rng, 120, 3, 16, 0.9), clustered(rng, 30, 3, 16, 0.9), clustered(rng, 150, 3, 16, 0.9)
+    kw = dict(fractions=(0.1, 1.0), k_shots=(1,), c_grid=(0.1, 1.0))
+    found: dict = {}
+    many = linear_probe(*tr, *va, *te, 3, seed=5, head_seeds=3, outcomes=found, **kw)
+    singles = [linear_probe(*tr, *va, *te, 3, seed=s, **kw) for s in (5, 6, 7)]
+    for k in ("probe_p10_acc1", "probe_k1_acc1", "probe_acc1", "probe_balanced_acc"):
+        assert many[k] == pytest.approx(np.mean([x[k] for x in singles])), k
+    assert len({x["probe_k1_acc1"] for x in singles}) > 1  # the seeds matter where there is randomness
+    assert len({x["probe_acc1"] for x in singles}) == 1  # ... and not where there is none
+    o = found["probe_acc1"]
+    assert o.value() == pytest.approx(many["probe_acc1"]) and np.array_equal(o.strata, te[1])
+    assert many["probe_acc1_ci_low"] < many["probe_acc1"] < many["probe_acc1_ci_high"]
+
+
+def test_zero_shot_outcomes_recompute_its_metrics():
+    rng = np.random.default_rng(12)
+    centres = np.eye(3, 16)
+    img, y = clustered(rng, 90, 3, 16, 1.0)
+    found: dict = {}
+    prompts = prompts_for(centres, rng)
+    m = zero_shot(img, prompts, y, outcomes=found)
+    assert set(found) == {"zeroshot_acc1", "zeroshot_auc_macro"}
+    assert found["zeroshot_acc1"].value() == m["zeroshot_acc1"] and np.array_equal(found["zeroshot_acc1"].strata, y)
+    auc = found["zeroshot_auc_macro"]
+    assert auc.value() == pytest.approx(m["zeroshot_auc_macro"]) and 0.5 < m["zeroshot_auc_macro"] < 1.0
+    logits = 100 * img.astype(np.float64) @ class_embeddings(prompts).T
+    odds = softmax_log_odds(logits)  # ranks as the softmax does, without its underflow ties
+    for idx in auc.plan(42, resamples=3):  # on a resample too: sklearn's macro one-vs-rest AUC
+        ref = np.mean([roc_auc_score(y[idx] == c, odds[idx, c]) for c in range(3)])
+        assert auc.value(idx) == pytest.approx(ref, abs=1e-12)
 
 
 def test_probe_multilabel_one_vs_rest():

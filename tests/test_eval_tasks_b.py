@@ -1,4 +1,5 @@
-"""Tests the VQA, survival and MIL evaluation tasks on embeddings whose right answer is known by construction."""
+"""Tests the VQA, survival and MIL evaluation tasks on embeddings whose right answer is known by construction, and
+the resampling each one's CI and paired tests use (VQA by image, survival by patient, MIL over head seeds)."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import pytest
 from sklearn.metrics import balanced_accuracy_score, roc_auc_score
+from sksurv.metrics import concordance_index_censored
 from sksurv.util import Surv
 
 from mmkd.evaluation.tasks import survival as survival_mod
@@ -79,6 +81,36 @@ def test_vqa_random_embeddings_near_majority():
     assert out["vqa_acc_ci_low"] < out["vqa_acc"] < out["vqa_acc_ci_high"]
 
 
+def test_vqa_resamples_images_with_all_their_questions():
+    """Three test questions per image, answered all right or all wrong per image: the questions of an image are
+    one observation, so the image-clustered CI is wider than one that counts them as independent, and every
+    resample holds each image's questions together."""
+    rng = np.random.default_rng(4)
+    n_img, per = 120, 3
+    image_ids = np.repeat(np.arange(n_img), per)
+    good = rng.random(n_img) < 0.6  # images whose answer the embedding gives away
+    answers_all = ["yes", "no", "maybe"]
+    answers = [str(rng.choice(answers_all)) for _ in image_ids]
+    code = rng.normal(size=(3, 32))
+    img = np.where(good[image_ids][:, None], code[[answers_all.index(a) for a in answers]],
+                   rng.normal(size=(len(image_ids), 32)))
+    split = np.where(image_ids < 80, "train", "test")  # a split by image
+    kw = dict(image_emb=_unit(img), question_emb=_unit(rng.normal(size=(len(image_ids), 32))), answers=answers,
+              question_types=["KG"] * len(image_ids), split=split, seed=0)
+    found: dict = {}
+    clustered = vqa(**kw, image_ids=image_ids, outcomes=found)
+    naive = vqa(**kw)  # every question its own cluster
+    assert clustered["vqa_acc"] == naive["vqa_acc"]
+    width = clustered["vqa_acc_ci_high"] - clustered["vqa_acc_ci_low"]
+    assert width > 1.3 * (naive["vqa_acc_ci_high"] - naive["vqa_acc_ci_low"])
+    o = found["vqa_acc"]
+    assert o.n == 120 and np.array_equal(o.clusters, image_ids[split == "test"])
+    assert o.value() == clustered["vqa_acc"]
+    for idx in o.plan(42, resamples=30):
+        drawn = o.clusters[idx]
+        assert all((drawn == k).sum() % per == 0 for k in np.unique(drawn))  # an image's 3 questions together
+
+
 def test_vqa_deterministic_and_thread_safe():
     _same_in_threads(vqa, _vqa_data(200, 16, 2, encode=False))
 
@@ -107,7 +139,7 @@ def test_survival_monotone_features_concordant():
     x[:, 1:] = np.random.default_rng(0).normal(size=(200, 63)) * 1e-3
     out = survival(x, time, event, seed=0)
     assert out["cindex_harrell"] > 0.95 and out["cindex_uno"] > 0.95
-    assert out["cindex_harrell_folds"] == 5 and out["cindex_uno_folds"] == 5
+    assert out["cindex_folds"] == 5
     assert out["cindex_harrell_ci_low"] <= out["cindex_harrell"] <= out["cindex_harrell_ci_high"]
     assert out["cindex_alpha"] > 0
 
@@ -120,20 +152,43 @@ def test_survival_random_features_near_half():
     assert out == survival(x, time, event, seed=0)
 
 
+def test_survival_ci_is_a_bootstrap_over_patients_of_out_of_fold_risks():
+    """The C-index is Harrell's C of the pooled out-of-fold risks (sksurv's on the stored risks, exactly), and
+    its CI the percentile interval of that C recomputed on resamples of patients: a real interval, not the
+    spread of 5 folds, that narrows as patients are added."""
+    found: dict = {}
+    time, event = _surv_data(200, 5)
+    rng = np.random.default_rng(5)
+    x = np.c_[-np.log(time) + rng.normal(0, 1.0, 200), rng.normal(size=(200, 15))]
+    out = survival(x, time, event, seed=0, outcomes=found)
+    o = found["cindex_harrell"]
+    risk = o.data["risk"][0]
+    assert o.n == 200 and o.clusters is None and risk.std() > 0  # one risk per patient, out of fold
+    assert out["cindex_harrell"] == pytest.approx(concordance_index_censored(event.astype(bool), time, risk)[0])
+    idx = o.plan(42, resamples=5)[0]
+    assert o.value(idx) == pytest.approx(concordance_index_censored(event[idx].astype(bool), time[idx], risk[idx])[0])
+    low, high = out["cindex_harrell_ci_low"], out["cindex_harrell_ci_high"]
+    assert 0.5 < low < out["cindex_harrell"] < high < 1.0 and high - low > 0.03
+    time2, event2 = np.tile(time, 2), np.tile(event, 2)
+    noise = np.random.default_rng(6)
+    x2 = np.c_[-np.log(time2) + noise.normal(0, 1.0, 400), noise.normal(size=(400, 15))]
+    big = survival(x2, time2, event2, seed=0)  # twice the patients: about 1/sqrt(2) of the width
+    assert big["cindex_harrell_ci_high"] - big["cindex_harrell_ci_low"] < 0.85 * (high - low)
+
+
 @pytest.mark.filterwarnings("ignore:The least populated class")
-def test_survival_fold_without_events_is_nan_and_counted():
+def test_survival_with_few_events_still_scores_every_patient():
     time, _ = _surv_data(100, 2)
     event = np.zeros(100, int)
-    event[:3] = 1  # three events, five folds: two test folds have no comparable pair
+    event[:3] = 1  # three events, five folds: two test folds have no event of their own
     x = np.random.default_rng(2).normal(size=(100, 16))
     out = survival(x, time, event, seed=0)
-    assert out["cindex_harrell_folds"] == 3
-    assert np.isfinite(out["cindex_harrell"])
+    assert out["cindex_folds"] == 5 and np.isfinite(out["cindex_harrell"])
 
 
 def test_survival_diverging_fits_retried_then_nan(monkeypatch):
-    """sksurv raises ArithmeticError when a small penalty diverges: the next path floor is tried, and a fold
-    whose every floor diverges scores NaN and is not counted."""
+    """sksurv raises ArithmeticError when a small penalty diverges: the next path floor is tried; a fold whose
+    every floor diverges predicts no risk and is not counted, and with no fold fitted the C-indices are NaN."""
     time, event = _surv_data(100, 3)
     x = np.zeros((100, 8))
     x[:, 0] = -np.log(time)
@@ -146,14 +201,14 @@ def test_survival_diverging_fits_retried_then_nan(monkeypatch):
 
     monkeypatch.setattr(survival_mod.CoxnetSurvivalAnalysis, "fit", flaky)
     out = survival(x, time, event, seed=0, folds=3)
-    assert out["cindex_harrell"] > 0.95 and out["cindex_harrell_folds"] == 3
+    assert out["cindex_harrell"] > 0.95 and out["cindex_folds"] == 3
 
     def broken(self, *args):
         raise ArithmeticError("Numerical error, because weights are too large")
 
     monkeypatch.setattr(survival_mod.CoxnetSurvivalAnalysis, "fit", broken)
     out = survival(x, time, event, seed=0, folds=3)
-    assert np.isnan(out["cindex_harrell"]) and out["cindex_harrell_folds"] == 0 and out["cindex_uno_folds"] == 0
+    assert np.isnan(out["cindex_harrell"]) and np.isnan(out["cindex_uno"]) and out["cindex_folds"] == 0
 
 
 def test_uno_defined_when_test_outlives_train():
@@ -209,6 +264,21 @@ def test_mil_random_labels_near_half():
     out = mil(bags, labels, 2, seed=0)
     assert abs(out["mil_auc"] - 0.5) < 0.15
     assert out["mil_auc_ci_low"] < 0.5 + 0.15 and out["mil_auc_ci_high"] > 0.5 - 0.15
+
+
+def test_mil_over_head_seeds_is_the_mean_of_single_seed_runs():
+    """Seed s of a multi-seed run is a single-seed run at s (its own fold split and initialisation): the reported
+    AUC is the mean of theirs, and the stored outcome recomputes it from every seed's out-of-fold probabilities."""
+    bags, labels = _mil_data(60, 16, 4, keyed=False)
+    kw = dict(bags=bags, labels=labels, n_classes=2, folds=3, epochs=5)
+    found: dict = {}
+    both = mil(**kw, seed=3, head_seeds=2, outcomes=found)
+    singles = [mil(**kw, seed=s)["mil_auc"] for s in (3, 4)]
+    assert singles[0] != singles[1]  # training randomness that one seed would hide
+    assert both["mil_auc"] == pytest.approx(np.mean(singles))
+    o = found["mil_auc"]
+    assert o.data["scores"].shape == (2, 60, 2) and o.value() == pytest.approx(both["mil_auc"])
+    assert np.array_equal(o.strata, labels)
 
 
 def test_mil_deterministic_thread_safe_and_rejects_empty_bags():

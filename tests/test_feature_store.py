@@ -233,7 +233,7 @@ def test_align_projects_every_shard_to_unit_student_vectors(smoke_corpus, teache
     cache_corpus(curated, tmp_path / "raw", pairs, FeaturesCfg(unit_records=128), show_progress=False)
     train = np.array([r["key"] for r in split_records(curated, "train")], dtype="S32")
     sets = [(s.name, e.version) for s, e in pairs]
-    stats = align(tmp_path / "raw", sets, train, tmp_path / "aligned", 64, AlignCfg(hidden=32, epochs=2), 0, "float16")
+    stats = align(tmp_path / "raw", sets, train, tmp_path / "aligned", 64, AlignCfg(method="autoencoder", hidden=32, epochs=2), 0, "float16")
     assert "recon_mse_rad" in stats and (tmp_path / "aligned" / "projector" / "projector.safetensors").exists()
     store = FeatureStore(tmp_path / "aligned")
     got = {s["teacher"]: s for s in store.sets()}
@@ -241,7 +241,7 @@ def test_align_projects_every_shard_to_unit_student_vectors(smoke_corpus, teache
     assert all(s["dim"] == 64 and s["dtype"] == "float16" for s in got.values())
     shard, img, txt = all_features(tmp_path / "aligned", curated, "path")
     assert (shard >= 0).all() and np.allclose(np.linalg.norm(img, axis=1), 1, atol=2e-3)
-    again = align(tmp_path / "raw", sets, train, tmp_path / "aligned", 64, AlignCfg(hidden=32, epochs=2), 0, "float16")
+    again = align(tmp_path / "raw", sets, train, tmp_path / "aligned", 64, AlignCfg(method="autoencoder", hidden=32, epochs=2), 0, "float16")
     assert again["projector"] == stats["projector"]  # seeded: the same projector, the same aligned versions
 
 

@@ -33,7 +33,7 @@ def aligned(smoke_corpus, tmp_path_factory):
     cache_corpus(curated, out / "raw", pairs, FeaturesCfg(batch_size=64), show_progress=False)
     keys = np.array([r["key"] for r in split_records(curated, "train")], dtype="S32")
     align(out / "raw", [(s.name, e.version) for s, e in pairs], keys, out / "aligned", 128,
-          AlignCfg(hidden=32, epochs=2), 0, "float32")
+          AlignCfg(method="autoencoder", hidden=32, epochs=2), 0, "float32")
     return smoke_corpus, out
 
 

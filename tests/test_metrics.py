@@ -6,33 +6,35 @@ import pytest
 
 
 def test_bootstrap_ci_covers_the_true_accuracy_about_95_percent_of_the_time():
-    """Simulated: 300 held-out sets of 120 items, 3 balanced classes, true accuracy 0.7."""
-    import numpy as np
-
-    from mmkd.evaluation.stats import bootstrap_accuracy_ci
+    """Simulated: 300 held-out sets of 120 items, 3 balanced classes, true accuracy 0.7; the CI of a class-stratified
+    resample plan (the plan the tasks and the paired tests share)."""
+    from mmkd.evaluation.stats import Outcome
 
     rng = np.random.default_rng(0)
     y = np.repeat(np.arange(3), 40)
     covered, widths = 0, []
     for i in range(300):
-        correct = rng.random(120) < 0.7
-        low, high = bootstrap_accuracy_ci(correct, y, seed=i, resamples=400)
+        acc = Outcome("mean", {"values": (rng.random(120) < 0.7).astype(float)}, strata=y)
+        out = acc.with_ci("acc", acc.plan(seed=i, resamples=400), {})
+        low, high = out["acc_ci_low"], out["acc_ci_high"]
         covered += low <= 0.7 <= high
         widths.append(high - low)
-        assert low <= correct.mean() <= high
+        assert low <= out["acc"] <= high
     assert 0.90 <= covered / 300 <= 0.99, covered
     assert 0.12 < np.mean(widths) < 0.20  # ~ 2 x 1.96 x sqrt(0.7 x 0.3 / 120) = 0.16
 
 
 def test_bootstrap_ci_is_fixed_by_its_seed_and_exact_for_a_perfect_model():
-    import numpy as np
-
-    from mmkd.evaluation.stats import bootstrap_accuracy_ci
+    from mmkd.evaluation.stats import plan_ci, resample_plan
 
     y = np.repeat(np.arange(2), 30)
-    correct = np.arange(60) % 3 > 0
-    assert bootstrap_accuracy_ci(correct, y, seed=7) == bootstrap_accuracy_ci(correct, y, seed=7)
-    assert bootstrap_accuracy_ci(np.ones(60, bool), y, seed=7) == (1.0, 1.0)
+    correct = (np.arange(60) % 3 > 0).astype(float)
+
+    def ci(values, seed):
+        return plan_ci(lambda i: values[i].mean(), resample_plan(60, seed, strata=y))
+
+    assert ci(correct, 7) == ci(correct, 7) and ci(correct, 7) != ci(correct, 8)
+    assert ci(np.ones(60), 7) == (1.0, 1.0)
 
 
 def test_mean_row_uses_every_metric_and_says_how_many_sets_it_covers():
@@ -49,20 +51,27 @@ def test_mean_row_uses_every_metric_and_says_how_many_sets_it_covers():
 
 
 @pytest.mark.filterwarnings("ignore::sklearn.exceptions.UndefinedMetricWarning")  # one-class resamples: left out
-def test_generic_bootstrap_and_fold_spread():
+def test_plan_ci_of_an_auc_and_undefined_resamples():
     from sklearn.metrics import roc_auc_score
 
-    from mmkd.evaluation.stats import bootstrap_ci, fold_spread_ci
+    from mmkd.evaluation.stats import plan_ci, resample_plan
 
     y = np.array([0] * 50 + [1] * 50)
     perfect = y.astype(float)
-    assert bootstrap_ci(roc_auc_score, (y, perfect), y, seed=1) == (1.0, 1.0)
+    by_class = resample_plan(100, 1, strata=y)
+    assert plan_ci(lambda i: roc_auc_score(y[i], perfect[i]), by_class) == (1.0, 1.0)
     rng = np.random.default_rng(0)
-    low, high = bootstrap_ci(roc_auc_score, (y, rng.random(100)), y, seed=1)
+    noise = rng.random(100)
+    low, high = plan_ci(lambda i: roc_auc_score(y[i], noise[i]), by_class)
     assert low < 0.5 < high and high - low < 0.3
     # resamples where the statistic is undefined are left out; undefined on most of them: no CI, not a wrong one
-    one_negative = (np.r_[0, np.ones(99)], rng.random(100))  # ~63% of plain resamples draw the negative
-    assert np.isfinite(bootstrap_ci(roc_auc_score, one_negative, None, seed=1)[0])
-    assert np.isnan(bootstrap_ci(lambda a: np.nan if a.sum() < 60 else a.mean(), (y,), None, seed=1)[0])
-    low, high = fold_spread_ci([0.70, 0.72, 0.68, 0.71, 0.69])
-    assert low < 0.70 < high and high - low == pytest.approx(2 * 2.776 * np.std([0.70, 0.72, 0.68, 0.71, 0.69], ddof=1) / np.sqrt(5), rel=1e-3)
+    plain = resample_plan(100, 1)
+    one_negative = np.r_[0, np.ones(99)]  # ~63% of plain resamples draw the negative
+
+    def auc(i):
+        if len(np.unique(one_negative[i])) < 2:
+            raise ValueError("one class")
+        return roc_auc_score(one_negative[i], noise[i])
+
+    assert np.isfinite(plan_ci(auc, plain)[0])
+    assert np.isnan(plan_ci(lambda i: np.nan if y[i].sum() < 60 else y[i].mean(), plain)[0])

@@ -180,6 +180,9 @@ class CurateCfg(Strict):
                                                          "information: quarantined")
     workers: int = Field(2, ge=0, description="decoding processes; 0 decodes in the calling process")
     incremental: bool = True
+    check_contamination: bool = Field(True, description="after curation, look up every evaluation image on disk "
+                                                        "(exact and near-duplicate) in the store: "
+                                                        "artifacts/curated/contamination.json")
     durable: bool = Field(True, description="fsync each file of a new store generation before it is switched in "
                                             "(off: a killed run still leaves the store whole; a power loss may not)")
 
@@ -213,6 +216,10 @@ class ValidateCfg(Strict):
     min_rows_per_modality: int = Field(1, ge=0, description="each expected modality needs this many train rows")
     expected_modalities: list[str] | None = Field(None, description="default: synth.modalities")
     max_unknown_fraction: float = Field(0.05, ge=0, le=1, description="share of records of modality `unknown`")
+    max_contaminated_fraction: float = Field(0.0, ge=0, le=1, description="per evaluation dataset, the share of its "
+                                             "images whose exact pixels are in the curated train split")
+    max_near_duplicate_fraction: float = Field(0.0, ge=0, le=1, description="per evaluation dataset, the share of "
+                                               "its images with a near duplicate (curation's rule) in the train split")
     fail_on_error: bool = True
 
     @model_validator(mode="before")
@@ -361,14 +368,25 @@ class FeaturesCfg(Strict):
 
 
 class AlignCfg(Strict):
-    """The multi-teacher autoencoder mapping each teacher's features to the student's dimension."""
+    """How each teacher's features are mapped into the student's space (docs/distillation.md: the shared space)."""
 
+    method: Literal["shared", "procrustes", "autoencoder"] = Field(
+        "shared", description="shared: orthogonal maps onto a consensus of the stage-1 student and the other "
+        "teachers; procrustes: orthogonal maps onto the stage-1 student; autoencoder: the reference's projector")
+    consensus_weight: float = Field(2.0, ge=0, description="shared: each other teacher's weight in the consensus "
+                                    "target, the stage-1 student's being 1 (0: plain centred Procrustes)")
+    iterations: int = Field(5, ge=1, description="shared: consensus refits")
+    # autoencoder only
     hidden: int = 256
     epochs: int = Field(30, ge=1)
     batch_size: int = 256
     lr: float = 1e-3
     noise_std: float = 0.01
     dropout: float = 0.2
+    anchor_weight: float = Field(0.0, ge=0, description="autoencoder: contrastive pull of each projection toward "
+                                 "the stage-1 student's embedding of the pair")
+    consistency_weight: float = Field(0.0, ge=0, description="autoencoder: contrastive pull between two teachers' "
+                                      "projections of the same pair (teachers that declare its modality)")
 
 
 class InitCfg(Strict):
@@ -423,10 +441,12 @@ class EvaluateCfg(Strict):
     # found under data_root); a named dataset that is missing is reported, never a failure
     datasets: list[str] = Field(default_factory=lambda: ["embedded"])
     data_root: str = "data/eval"  # real datasets, laid out as the catalog's `layout` says
-    models: list[str] = Field(default_factory=lambda: ["student", "teachers"])  # + student_stage1: the ablation
+    # student_stage1 (the student before distillation) gives the report its distillation gain
+    models: list[str] = Field(default_factory=lambda: ["student", "student_stage1", "teachers"])
     recall_k: list[int] = Field(default_factory=lambda: [1, 5, 10])
     probe: ProbeCfg = ProbeCfg()
     folds: int = Field(5, ge=2)  # survival and MIL: stratified K-fold cross-validation
+    head_seeds: int = Field(3, ge=1)  # probe and MIL heads trained with this many seeds; scores are their mean
     batch_size: int = 256
     cache_embeddings: bool = True  # one encoding per (model, dataset); keyed by weights and image fingerprints
 
@@ -440,18 +460,30 @@ class EvaluateCfg(Strict):
 
 
 class RegisterCfg(Strict):
-    """The registry and the promotion gate (mmkd.tracking.gate).
+    """The registry and the promotion gate (mmkd.tracking.gate, mmkd.evaluation.selection).
 
-    Every registered version gets `challenger_alias`; `champion_alias` moves to it only when its `metric`
-    (a dotted path into reports/metrics.json: model.held-out set.metric) is at least the champion's
-    (at most, when `higher_is_better` is false).
+    Every registered version gets `challenger_alias`; `champion_alias` moves to it only when, on the val split of
+    the evaluated zero-shot sets (never the test split the leaderboard reports), the lower bound of the paired
+    bootstrap CI of its zero-shot accuracy minus the champion's (both scored now, on the same items) is at least
+    -`margin`.
     """
 
     model_name: str = "mmkd-student"
     challenger_alias: str = Field("challenger", min_length=1)
     champion_alias: str = Field("champion", min_length=1)
-    metric: str = Field("student.mean.zeroshot_acc1", min_length=1)
-    higher_is_better: bool = True
+    # how much worse (accuracy, 0..1) the challenger may be at the CI's lower bound and still replace the champion
+    margin: float = Field(0.01, ge=0.0, le=1.0)
+    # val items scored per set, at most (a fixed random subset of a larger val split): bounds the step's time
+    max_items_per_set: int = Field(250, ge=1)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _retired(cls, data):
+        # the gate once compared a metrics.json path (a test-split number): selecting on test is gone, not moved
+        if isinstance(data, dict) and {"metric", "higher_is_better"} & set(data):
+            raise ValueError("register.metric / register.higher_is_better are retired: the gate compares val "
+                             "zero-shot accuracy, paired, with register.margin (README: The promotion gate)")
+        return data
 
     @model_validator(mode="after")
     def _distinct_aliases(self) -> "RegisterCfg":

@@ -74,10 +74,14 @@ def features_stats(root: Path = RootOpt, params: Optional[Path] = ParamsOpt, pro
             continue
         out[label] = store.stats(keys)
         store.close()
+    space_path = ctx.ws.aligned_features / "diagnostics.json"
+    if space_path.exists():  # the align step's measure of the shared space (features.diagnostics)
+        out["space"] = json.loads(space_path.read_text())
     if as_json:
         typer.echo(json.dumps(out, indent=1))
         return
-    for label, st in out.items():
+    for label in ("teachers", "aligned"):
+        st = out[label]
         if "error" in st:
             typer.echo(f"{label}: {st['error']}")
             continue
@@ -88,6 +92,24 @@ def features_stats(root: Path = RootOpt, params: Optional[Path] = ParamsOpt, pro
             cov = "  ".join(f"{e['coverage'][s]:>6.1%}" for s in keys) if keys else ""
             typer.echo(f"  {e['teacher']:<16} {e['version']:<29} {e['dim']:>4} {e['dtype']:<8} {e['rows']:>6} "
                        f"{e['shards']:>6} {e['bytes'] / 2**20:>6.1f}  {cov}")
+    if "space" in out:
+        _print_space(out["space"])
+
+
+def _print_space(space: dict) -> None:
+    """The shared-space diagnostic: centred same-sample vs shuffled cosine and nearest-neighbour rate per pair."""
+    from mmkd.features.diagnostics import format_rows
+
+    typer.echo(f"shared space ({space['method']}, {space['split']} split; cosines with each modality's mean removed):")
+    for line in format_rows(space["aligned"]["pairs"]):
+        typer.echo(line)
+    if "procrustes" in space:
+        gaps = [f"{r['modality']} {r['pair']} {r['gap']:+.3f}"
+                for r in space["procrustes"]["pairs"] if r.get("gap") is not None]
+        typer.echo("  Procrustes baseline gap: " + "; ".join(gaps))
+    typer.echo("  teachers' probe quality (nearest caption prototype, balanced): "
+               + "; ".join(f"{t} {q:.3f} (raw {space['raw_quality'][t]:.3f})"
+                           for t, q in space["aligned"]["quality"].items()))
 
 
 @datasets_app.command("list")
@@ -113,17 +135,21 @@ def datasets_list(root: Path = RootOpt, params: Optional[Path] = ParamsOpt, prof
         typer.echo(json.dumps({"data_root": str(data_root), "embedded_root": str(embedded_root), "datasets": rows},
                               indent=1))
         return
-    typer.echo(f"{'name':<28} {'modalities':<26} {'tasks':<24} {'format':<15} status")
+    typer.echo(f"{'name':<28} {'modalities':<26} {'tasks':<24} {'format':<15} {'split by':<13} status")
     for r in rows:
         mods = ",".join(r["modalities"])
         mods = mods if len(mods) <= 26 else f"{len(r['modalities'])} modalities"
-        typer.echo(f"{r['name']:<28} {mods:<26} {','.join(r['tasks']):<24} {r['format']:<15} {r['status']}")
+        split = (r["split_by"] or "undeclared") + ("*" if r["split_flagged"] else "")
+        typer.echo(f"{r['name']:<28} {mods:<26} {','.join(r['tasks']):<24} {r['format']:<15} {split:<13} "
+                   f"{r['status']}")
         if r["status"] != "present":
             where, _, get = r["detail"].partition("; to get it: ")
             typer.echo(f"    {where}")
             if get:
                 short = verbose or len(get) <= 140
                 typer.echo(f"    get: {get if short else get[:140].rstrip() + '... (--verbose: all of it)'}")
+    flagged = sum(r["split_flagged"] for r in rows)
+    typer.echo(f"* split not by patient ({flagged} datasets): a patient may have images on both sides of a split")
     counts = {s: sum(r["status"] == s for r in rows) for s in ("present", "missing", "incomplete")}
     typer.echo(f"{len(rows)} datasets: " + ", ".join(f"{n} {s}" for s, n in counts.items())
                + f" (data_root {data_root}, embedded suite {embedded_root})")

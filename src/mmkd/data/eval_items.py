@@ -6,14 +6,16 @@ import itertools
 
 import numpy as np
 
+from mmkd.data import describe as d
 from mmkd.data.synth import SPECS
 
-# Per modality and finding, the attributes an image of it makes visible, with their values. Each suite item
-# draws one combination; its caption states exactly these words, so two images share a caption only when
-# they share every described attribute (normal images, with nothing to describe, share one).
+# Per modality and finding, the attributes an image of it makes visible, with their values; every finding of a
+# modality also has the STUDY attributes below (technique, framing). Each suite item draws one combination; its
+# caption states exactly these words, so two images share a caption only when they share every described
+# attribute. Every finding has at least 135 combinations: a 400-item split (134 per class) repeats none.
 _LR, _SIZE, _GRADE = ("left", "right"), ("small", "large"), ("mild", "severe")
 _POS5 = ("centre", "upper left", "upper right", "lower left", "lower right")
-_POS9 = ("upper left", "upper", "upper right", "left", "centre", "right", "lower left", "lower", "lower right")
+_POS9 = d.POS9
 ATTRS: dict[str, dict[str, dict[str, tuple]]] = {
     "xray": {"normal": {}, "pneumonia": {"side": _LR, "size": _SIZE, "grade": _GRADE,
                                          "zone": ("upper", "middle", "lower")},
@@ -24,7 +26,7 @@ ATTRS: dict[str, dict[str, dict[str, tuple]]] = {
                                     "zone": ("anterior", "central", "posterior")},
             "hydrocephalus": {"grade": _GRADE}},
     "ultrasound": {"normal": {}, **{f: {"size": _SIZE, "grade": _GRADE, "depth": ("superficial", "deep"),
-                                        "lateral": ("left", "middle", "right")} for f in ("cyst", "mass")}},
+                                        "lateral": ("left", "midline", "right")} for f in ("cyst", "mass")}},
     "pathology": {"normal": {"count": (2, 3)},
                   "carcinoma": {"grade": _GRADE, "nuclei": _SIZE, "extent": ("focal", "diffuse")},
                   "inflammation": {"grade": _GRADE, "extent": ("focal", "diffuse")}},
@@ -32,72 +34,75 @@ ATTRS: dict[str, dict[str, dict[str, tuple]]] = {
                               "tone": ("light", "medium", "dark")},
                     **{f: {"size": _SIZE, "grade": _GRADE, "pos": _POS5, "tone": ("light", "medium", "dark")}
                        for f in ("melanoma", "psoriasis")}},
-    "fundus": {"normal": {"side": _LR}, "retinopathy": {"side": _LR, "grade": _GRADE, "exudates": (True, False)},
+    "fundus": {"normal": {"side": _LR, "cup": ("small cup", "medium cup")},
+               "retinopathy": {"side": _LR, "grade": _GRADE, "exudates": (True, False)},
                "glaucoma": {"side": _LR, "grade": _GRADE}},
     "oct": {"normal": {}, "fluid": {"count": (1, 2, 3), "size": _SIZE, "grade": _GRADE},
             "drusen": {"count": (2, 3, 4, 5, 6), "grade": _GRADE}},
     "endoscopy": {"normal": {}, **{f: {"size": _SIZE, "grade": _GRADE, "pos": _POS9} for f in ("polyp", "ulcer")}},
 }
-_WORDS = {1: "one", 2: "two", 3: "three", 4: "four", 5: "five", 6: "six"}
-# {n} = count word, {s} = plural s; every other field is the attribute's value
+# study attributes, shared by every finding of a modality (normal images included): exposure and black level
+# (finish()'s gain and bias, in the corpus's range) and one modality's own (framing, lumen, hair, disc, stain)
+_TECH = {"exposure": d.EXPOSURE, "black": d.BLACK}
+STUDY: dict[str, dict[str, tuple]] = {
+    **{m: {**_TECH, "shift": d.POS9} for m in ("xray", "ct", "mri", "ultrasound", "oct")},
+    "pathology": {**_TECH, "stain": tuple(itertools.product(d.STAIN_LEVEL, d.STAIN_HUE))},
+    "dermatology": {**_TECH, "hair": (False, True)},
+    "fundus": {**_TECH, "disc": d.DISC},
+    "endoscopy": {**_TECH, "lumen": d.POS9},
+}
+LUMEN_STEP = 0.2  # endoscopy lumen cells: the corpus draws the lumen in -0.3..0.3
+# {n} = count word, {s} = plural s; every other field is the attribute's value. Short: a caption, with its
+# technique clause, fits the embedded text towers' 32 tokens.
 PHRASES = {
-    "xray": {"normal": "clear lungs without opacity or effusion",
-             "pneumonia": "{grade} {size} opacity in the {zone} {side} lung, consistent with pneumonia",
+    "xray": {"normal": "clear lungs",
+             "pneumonia": "{grade} {size} {side} {zone} zone opacity, pneumonia",
              "effusion": "{grade} {size} {side} pleural effusion"},
-    "ct": {"normal": "unremarkable liver and kidneys",
-           "liver_lesion": "{n} {grade} {size} hypodense lesion{s} in the {zone} liver",
-           "kidney_stone": "{n} {grade} {size} stone{s} in the {side} kidney"},
-    "mri": {"normal": "normal brain parenchyma and ventricles",
-            "tumor": "{grade} {size} {zone} {side} hemispheric mass with edema",
-            "hydrocephalus": "{grade} hydrocephalus with enlarged lateral ventricles"},
-    "ultrasound": {"normal": "homogeneous echotexture without focal lesion",
-                   "cyst": "{grade} {size} {depth} anechoic cyst {lateral}",
-                   "mass": "{grade} {size} {depth} hypoechoic mass {lateral}"},
-    "pathology": {"normal": "benign tissue with {n} regular glands",
-                  "carcinoma": "{grade} {extent} carcinoma with {nuclei} atypical nuclei",
+    "ct": {"normal": "normal liver and kidneys",
+           "liver_lesion": "{n} {grade} {size} hypodense lesion{s}, {zone} liver",
+           "kidney_stone": "{n} {grade} {size} {side} kidney stone{s}"},
+    "mri": {"normal": "normal brain",
+            "tumor": "{grade} {size} {side} {zone} mass with edema",
+            "hydrocephalus": "{grade} hydrocephalus"},
+    "ultrasound": {"normal": "homogeneous tissue, no lesion",
+                   "cyst": "{grade} {size} {depth} anechoic cyst, {lateral}",
+                   "mass": "{grade} {size} {depth} hypoechoic mass, {lateral}"},
+    "pathology": {"normal": "benign tissue, {n} glands",
+                  "carcinoma": "{grade} {extent} carcinoma, {nuclei} nuclei",
                   "inflammation": "{grade} {extent} lymphocytic inflammation"},
-    "dermatology": {"nevus": "{size} {shade} benign nevus {pos}, on {tone} skin",
-                    "melanoma": "{grade} {size} irregular melanoma {pos}, on {tone} skin",
-                    "psoriasis": "{grade} {size} scaly psoriatic plaque {pos}, on {tone} skin"},
-    "fundus": {"normal": "healthy retina, {side} eye",
-               "retinopathy": "{grade} diabetic retinopathy with hemorrhages {exudates}, {side} eye",
-               "glaucoma": "{grade} glaucomatous optic disc cupping, {side} eye"},
-    "oct": {"normal": "normal foveal contour without fluid or drusen",
-            "fluid": "{n} {grade} {size} intraretinal fluid pocket{s}",
-            "drusen": "{n} {grade} drusen elevating the RPE"},
-    "endoscopy": {"normal": "normal mucosa without polyp or ulcer",
-                  "polyp": "{grade} {size} polyp {pos}", "ulcer": "{grade} {size} ulcer with fibrin base {pos}"},
+    "dermatology": {"nevus": "{size} {shade} nevus, {pos}, {tone} skin",
+                    "melanoma": "{grade} {size} melanoma, {pos}, {tone} skin",
+                    "psoriasis": "{grade} {size} psoriatic plaque, {pos}, {tone} skin"},
+    "fundus": {"normal": "healthy {side} eye, {cup}",
+               "retinopathy": "{grade} retinopathy, hemorrhages{exudates}, {side} eye",
+               "glaucoma": "{grade} glaucomatous cupping, {side} eye"},
+    "oct": {"normal": "normal foveal contour",
+            "fluid": "{n} {grade} {size} fluid pocket{s}",
+            "drusen": "{n} {grade} drusen"},
+    "endoscopy": {"normal": "normal mucosa",
+                  "polyp": "{grade} {size} polyp, {pos}", "ulcer": "{grade} {size} ulcer, {pos}"},
 }
 # contrast per grade: separated bands, so the grade a caption states is visible (training's cut is 0.55)
 CONTRAST = {"mild": (0.25, 0.45), "severe": (0.7, 1.0)}
 
 
 def combos(modality: str, finding: str) -> list[dict]:
-    space = ATTRS[modality][finding]
+    space = {**ATTRS[modality][finding], **STUDY[modality]}
     return [dict(zip(space, vals)) for vals in itertools.product(*space.values())]
 
 
-def _where(pos: str, frame: str) -> str:
-    if pos in ("centre", "middle"):
-        return f"in the {pos} of the {frame}"
-    if pos in ("left", "right"):
-        return f"on the {pos} of the {frame}"
-    return f"in the {pos} {'part of the' if pos in ('upper', 'lower') else 'of the'} {frame}"
-
-
 def caption(modality: str, finding: str, a: dict) -> str:
-    """The one canonical caption of an item: the modality, the finding and its visible attributes."""
+    """The one canonical caption of an item: the modality, the finding and its visible attributes, then the
+    study's technique and framing."""
     fields = {k: v for k, v in a.items() if k not in ("count", "exudates")}
     if "count" in a:
-        fields.update(n=_WORDS[a["count"]], s="" if a["count"] == 1 else "s")
+        fields.update(n=d.count_word(a["count"]), s="" if a["count"] == 1 else "s")
     if "exudates" in a:
-        fields["exudates"] = "and hard exudates" if a["exudates"] else "but no exudates"
-    if "pos" in a:
-        fields["pos"] = _where(a["pos"], "image")
-    if "lateral" in a:
-        fields["lateral"] = _where(a["lateral"], "field")
+        fields["exudates"] = " and exudates" if a["exudates"] else ", no exudates"
     name = SPECS[modality].names[0]
-    return f"{name[:1].upper() + name[1:]}: {PHRASES[modality][finding].format(**fields)}."
+    technique = d.study({k: a[k] for k in STUDY[modality]})
+    return f"{name[:1].upper() + name[1:]}: {PHRASES[modality][finding].format(**fields)}" + \
+        (f"; {technique}." if technique else ".")
 
 
 class Cycler:
@@ -144,7 +149,7 @@ def render_attrs(rng: np.random.Generator, modality: str, finding: str, a: dict,
         r["cy"] = {"anterior": u(-0.42, -0.32), "central": u(-0.05, 0.05), "posterior": u(0.26, 0.34)}[a["zone"]]
     elif modality == "ultrasound" and finding != "normal":
         r["center"] = ((-0.03 if a["depth"] == "superficial" else 0.35) + u(-0.04, 0.04),
-                       {"left": -0.28, "middle": 0.0, "right": 0.28}[a["lateral"]] + u(-0.04, 0.04))
+                       {"left": -0.28, "midline": 0.0, "right": 0.28}[a["lateral"]] + u(-0.04, 0.04))
     elif key == ("pathology", "normal"):  # glands spread apart so that they can be counted
         spots = [(-0.4, -0.4), (0.4, 0.4)] if n == 2 else [(-0.45, -0.45), (-0.4, 0.45), (0.45, 0.0)]
         r["glands"] = [(gy + u(-0.08, 0.08), gx + u(-0.08, 0.08), u(0.2, 0.26)) for gy, gx in spots]
@@ -166,7 +171,28 @@ def render_attrs(rng: np.random.Generator, modality: str, finding: str, a: dict,
         r["xs"] = list(np.linspace(-0.6, 0.6, n) + u(-0.04, 0.04, n))
     elif modality == "endoscopy" and finding != "normal":
         r["center"] = _grid(rng, a["pos"], 0.45)
-    return r, c
+    elif key == ("fundus", "normal"):
+        r["cdr"] = (0.28 if a["cup"] == "small cup" else 0.39) + u(-0.015, 0.015)  # describe.cup's bands
+    return {**r, **_study_controls(rng, a)}, c
+
+
+def _study_controls(rng: np.random.Generator, a: dict) -> dict:
+    """Renderer controls for the study attributes: finish()'s gain and bias, framing, lumen, hair, disc, stain."""
+    u = rng.uniform
+    out = {"gain": d.GAINS[d.EXPOSURE.index(a["exposure"])] + u(-0.01, 0.01),
+           "bias": d.BIASES[d.BLACK.index(a["black"])] + u(-0.004, 0.004)}
+    if "shift" in a:
+        out["shift"] = tuple(v + u(-0.005, 0.005) for v in d.grid_point(a["shift"], d.SHIFT_STEP))
+    if "lumen" in a:
+        out["lumen"] = tuple(v + u(-0.03, 0.03) for v in d.grid_point(a["lumen"], LUMEN_STEP))
+    if "hair" in a:
+        out["hair"] = a["hair"]
+    if "disc" in a:
+        out["dy"] = d.DISC_DY[d.DISC.index(a["disc"])] + u(-0.01, 0.01)
+    if "stain" in a:
+        level, hue = a["stain"]
+        out["stain"] = tuple(d.STAIN_LEVEL[level] + h + u(-0.005, 0.005) for h in d.STAIN_HUE[hue])
+    return out
 
 
 # VQA: closed questions about what the image shows

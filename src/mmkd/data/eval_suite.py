@@ -63,13 +63,20 @@ def _write_csv(path: Path, header: list[str], rows: list) -> None:
         w.writerows(rows)
 
 
+def classification_plan(seed: int, modality: str, split: str, n: int) -> tuple[np.random.Generator, list]:
+    """The plan of one classification split, (finding, visible attributes) per item, and its rng (which then
+    draws the renderer controls)."""
+    rng = _rng(seed, modality, split)
+    return rng, items.plan(rng, modality, n)
+
+
 def _classification(cfg, modality: str, root: Path, jobs: _Jobs) -> dict:
     sizes = cfg.eval_suite.classification
     rows, splits = [], {}
     for split in ("train", "val", "test"):
-        rng = _rng(jobs.seed, modality, split)
+        rng, planned = classification_plan(jobs.seed, modality, split, getattr(sizes, split))
         caps = []
-        for i, (finding, a) in enumerate(items.plan(rng, modality, getattr(sizes, split))):
+        for i, (finding, a) in enumerate(planned):
             image = f"images/{modality}-{split}-{i:05d}.png"
             jobs.add(rng, modality, split, [i], finding, a, root / image)
             caps.append(items.caption(modality, finding, a))
@@ -172,7 +179,7 @@ def _render(args) -> int:
     size, noise, chunk = args
     for key, modality, finding, attrs, contrast, path in chunk:
         rng = np.random.default_rng(key)
-        img = finish(RENDERERS[modality](rng, size, finding, attrs, contrast), rng, noise=noise)
+        img = finish(RENDERERS[modality](rng, size, finding, attrs, contrast), rng, noise=noise, controls=attrs)
         Image.fromarray(img).save(path, format="PNG", compress_level=1)  # noise barely compresses: save time
     return len(chunk)
 

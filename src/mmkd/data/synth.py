@@ -11,6 +11,7 @@ from PIL import Image
 from mmkd.progress import progress
 
 from mmkd.config import MODALITIES, SynthCfg
+from mmkd.data import describe
 from mmkd.data.manifest import write_jsonl
 from mmkd.data.render import RENDERERS, finish
 from mmkd import atomic
@@ -177,6 +178,9 @@ TEMPLATES = (
     "{Mod} of a patient with {finding}.",
     "Impression: {finding} ({mod}).",
 )
+# a training caption longer than this many characters takes the shortest template: the embedded text towers read
+# 32 tokens, SOT and EOT included (these captions: about 4 characters a token; the suite's all fit)
+CAPTION_CHARS = 105
 PROMPT_TEMPLATES = ("a {mod} showing {what}", "{what} on {mod}", "a {mod} with {what}")
 SPLITS = ("train", "probe", "test")
 # the embedded teachers' own corpora (data/teacher_corpus.py): a fourth RNG namespace, one stream per teacher,
@@ -192,12 +196,33 @@ def _cap(s: str) -> str:
     return s[:1].upper() + s[1:]
 
 
-def caption_for(rng: np.random.Generator, modality: str, finding: str, attrs: dict) -> str:
+def caption_for(rng: np.random.Generator, modality: str, finding: str, attrs: dict, seen: dict) -> str:
+    """A report sentence naming the finding (a synonym in a template), then what this image shows: the finding's
+    grade, size, place, count or ratio, and the study's technique, from `seen` (what the renderer drew)."""
     spec = SPECS[modality]
     phrase = str(rng.choice(spec.findings[finding])).format(**attrs)
     mod = str(rng.choice(spec.names))
     tpl = str(rng.choice(TEMPLATES))
-    return " ".join(tpl.format(Mod=_cap(mod), mod=mod, finding=phrase, Finding=_cap(phrase)).split())
+    detail = describe.findings(modality, finding, attrs, seen)
+    technique = describe.study(describe.study_words(seen))
+
+    def build(tpl: str, mod: str, phrase: str) -> str:
+        head = tpl.format(Mod=_cap(mod), mod=mod, finding=phrase, Finding=_cap(phrase))
+        said = detail  # words the sentence already has are not repeated
+        for words in (f"{attrs['grade']}, ", f"{attrs['side']} eye, "):
+            if words.split(",")[0] in phrase:
+                said = said.replace(words, "", 1)
+        return " ".join(" ".join([head, *(f"{_cap(t)}." for t in (said, technique) if t)]).split())
+
+    # the instance first, then any technique; a caption longer than a text tower's context (the embedded towers
+    # read 32 tokens) loses its tail, so a long one takes the shortest template, then the shortest words
+    caption = build(tpl, mod, phrase)
+    if len(caption) > CAPTION_CHARS:
+        caption = build(TEMPLATES[2], mod, phrase)
+    if len(caption) > CAPTION_CHARS:
+        short = min((p.format(**attrs) for p in spec.findings[finding]), key=len)
+        caption = build(TEMPLATES[2], min(spec.names, key=len), short)
+    return caption
 
 
 def zero_shot_prompts(modality: str) -> dict[str, list[str]]:
@@ -224,6 +249,13 @@ def render_sample(seed: int, modality: str, split: str, index: int, size: int, d
     split: train, probe, test (the student's corpus) or `teacher` with `stream` (an embedded teacher's own
     corpus; data/teacher_corpus.py); the rng key is (seed, modality, split[, stream], index).
     """
+    img, record, _ = render_instance(seed, modality, split, index, size, difficulty, stream)
+    return img, record
+
+
+def render_instance(seed: int, modality: str, split: str, index: int, size: int, difficulty: float,
+                    stream: int | None = None) -> tuple[np.ndarray, dict, dict]:
+    """render_sample's (image, record) and `seen`: what the renderer drew for the image, which its caption states."""
     if (split == TEACHER_SPLIT) != (stream is not None):
         raise ValueError(f"render_sample: split '{split}' {'needs' if stream is None else 'takes no'} `stream`")
     key = [seed, MODALITIES.index(modality), _NAMESPACES.index(split), *([] if stream is None else [stream]), index]
@@ -236,15 +268,16 @@ def render_sample(seed: int, modality: str, split: str, index: int, size: int, d
         "size": str(rng.choice(["small", "large"])),
         "grade": "mild" if contrast < 0.55 else "severe",
     }
-    img = RENDERERS[modality](rng, size, finding, attrs, contrast)
-    img = finish(img, rng, noise=0.02 + 0.08 * difficulty)
-    caption = caption_for(rng, modality, finding, attrs)
+    seen: dict = {}
+    img = RENDERERS[modality](rng, size, finding, attrs, contrast, seen)
+    img = finish(img, rng, noise=0.02 + 0.08 * difficulty, seen=seen)
+    caption = caption_for(rng, modality, finding, attrs, seen)
     sid = f"{modality}-{split}-{index:05d}" if stream is None else f"{modality}-{split}{stream:08x}-{index:05d}"
     record = {
         "id": sid, "image": f"images/{modality}/{split}/{sid}.png", "caption": caption,
         "modality": modality, "labels": {"finding": finding, **attrs}, "split": split,
     }
-    return img, record
+    return img, record, seen
 
 
 def _render_chunk(args) -> list[dict]:

@@ -41,10 +41,25 @@ TASK_METRICS = {
 }
 # the one format each of these tasks reads; zeroshot/probe/retrieval read the image formats
 TASK_FORMAT = {"vqa": "vqa_json", "survival": "survival_table", "mil": "mil_bags"}
+# What one split (or one cross-validation fold) keeps together, i.e. the unit that cannot leak across splits:
+# patient; lesion (several images of one lesion, a patient may have several lesions); study (a scan, exam or volume);
+# slide (a whole-slide image; a patient may have several); video (frames of one clip); image (the provider's split,
+# by image, or grouped by something finer than a patient); hashed-file (a hash of each file's path, nothing grouped);
+# single-split (one split only: nothing to leak between); synthetic (generated samples, no patients).
+SPLIT_UNITS = ("patient", "lesion", "study", "slide", "video", "image", "hashed-file", "single-split", "synthetic")
 
 
 class CatalogError(ValueError):
     """catalog.yaml is invalid; the message names the entry and the key."""
+
+
+class Fact(BaseModel):
+    """One checked fact about a dataset (licence, construction, split) and the page it was checked against."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    fact: str = Field(min_length=1)
+    source: str = Field(pattern=r"^https?://\S+$")
 
 
 def default_metrics(tasks: list[str], multilabel: bool = False) -> list[str]:
@@ -76,12 +91,27 @@ class CatalogEntry(BaseModel):
     multilabel: bool = False
     metrics: list[str] = Field(min_length=1)
     embedded: bool = False
+    # the unit a split keeps together (SPLIT_UNITS; not options.split_by, the column hashed); load_catalog requires
+    # it of every catalog.yaml entry, None (undeclared) is for entries built in code and is flagged
+    split_by: Literal[SPLIT_UNITS] | None = None
+    facts: list[Fact] = []  # facts checked against the dataset's own pages, each with its URL
     _opts: BaseModel = PrivateAttr()
 
     @property
     def opts(self) -> Any:
         """`options` validated by the format's Options model (defaults filled in)."""
         return self._opts
+
+    @property
+    def patient_level_split(self) -> bool:
+        """True when no patient can be on both sides of a split (or fold): split by patient, or synthetic."""
+        return self.split_by in ("patient", "synthetic")
+
+    @property
+    def split_flagged(self) -> bool:
+        """True when a patient may be on both sides of a split: the report and `mmkd datasets list` flag it
+        (a single-split set has no second side)."""
+        return self.split_by not in ("patient", "synthetic", "single-split")  # None (undeclared) included
 
     @model_validator(mode="after")
     def _consistent(self) -> CatalogEntry:
@@ -115,7 +145,23 @@ class CatalogEntry(BaseModel):
         except ValidationError as e:
             raise ValueError("; ".join(f"options.{'.'.join(map(str, err['loc']))}: {err['msg']}"
                                        for err in e.errors())) from None
+        self._check_split_by()
         return self
+
+    def _check_split_by(self) -> None:
+        # the declared unit must agree with what the options do, so the flag cannot claim more than the loader does
+        if self.split_by is None:
+            return
+        o = self._opts  # hashed per file: a hash of each file (or manifest image cell), nothing grouped
+        per_file = (o.split_dirs is None if self.format == "image_folder" else
+                    self.format == "csv_manifest" and o.split_col is None and o.split_by is None)
+        if self.split_by == "synthetic" and not self.embedded:
+            raise ValueError("split_by: 'synthetic' is only for the embedded suite")
+        if (self.split_by == "single-split") != (len(self.splits) == 1):
+            raise ValueError(f"split_by: 'single-split' exactly when one split is listed (splits: {self.splits})")
+        if len(self.splits) != 1 and (self.split_by == "hashed-file") != per_file:
+            raise ValueError("split_by: 'hashed-file' exactly when splits are a hash of each file "
+                             "(image_folder without split_dirs; csv_manifest without split_col or options.split_by)")
 
     def _check_prompts(self) -> None:
         if "zeroshot" not in self.tasks:
@@ -159,6 +205,8 @@ def load_catalog(path: str | Path | None = None) -> list[CatalogEntry]:
         name = item.get("name", "?") if isinstance(item, dict) else "?"
         try:
             entries.append(CatalogEntry.model_validate(item))
+            if "split_by" not in item:
+                problems.append(f"entry #{i} '{name}': split_by: required, one of {list(SPLIT_UNITS)}")
         except ValidationError as e:
             problems.append(f"entry #{i} '{name}': {_describe(e)}")
     seen: dict[str, int] = {}
@@ -178,7 +226,8 @@ def embedded_entries(survival_modalities=SURVIVAL_MODALITIES, mil_modalities=MIL
 
     mods = [m for m in MODALITIES if m in modalities]
     get = "run `mmkd data synth` with synth.eval_suite.enabled: true (it writes <paths.data>/eval/embedded/)"
-    common = dict(source="embedded (mmkd.data.eval_suite)", licence="CC0-1.0 (generated)", get=get, embedded=True)
+    common = dict(source="embedded (mmkd.data.eval_suite)", licence="CC0-1.0 (generated)", get=get, embedded=True,
+                  split_by="synthetic")
     out = [CatalogEntry(name=f"embedded-{m}", title=f"Embedded synthetic {m}", modalities=[m],
                         tasks=["zeroshot", "probe", "retrieval"], format="csv_manifest", path=m,
                         layout="manifest.csv (image,label,split,caption) + images", splits=list(SPLIT_NAMES),
@@ -245,5 +294,7 @@ def overview(entries: list[CatalogEntry], data_root: str | Path, embedded_root: 
         detail = detail.replace("<data_root>", str(data_root)).replace("<paths.data>/eval/embedded", str(embedded_root))
         rows.append({"name": e.name, "title": e.title, "modalities": e.modalities, "tasks": e.tasks,
                      "format": e.format, "folder": str(folder), "status": state, "detail": detail,
-                     "source": e.source, "licence": e.licence, "get": e.get, "embedded": e.embedded})
+                     "source": e.source, "licence": e.licence, "get": e.get, "embedded": e.embedded,
+                     "split_by": e.split_by, "patient_level_split": e.patient_level_split,
+                     "split_flagged": e.split_flagged, "facts": [f.model_dump() for f in e.facts]})
     return rows

@@ -1,22 +1,37 @@
-"""Owns the alignment step: train the multi-teacher projector by streaming over the store, write projections.
+"""Owns the alignment step: map every teacher's raw features into the student's space, write the projections, and
+measure the space (features.diagnostics).
 
-The projector reads the train split's raw teacher features batch by batch from the memory-mapped shards;
-then every raw shard is projected to the student's dimension, L2-normalised, and written as a shard of the
-aligned store under the version `<teacher version>-<projector hash>` (new projector, new features).
+The map is fitted on the train split's raw teacher features, read batch by batch from the memory-mapped shards
+(align.method: orthogonal maps onto the stage-1 student and a consensus of the teachers, plain Procrustes, or the
+reference's autoencoder); then every raw shard is projected to the student's dimension, L2-normalised, and
+written as a shard of the aligned store under the version `<teacher version>-<projector hash>` (new map, new
+features). The diagnostic is taken on the probe split (never fitted on), with the Procrustes baseline beside it.
 """
 
 from __future__ import annotations
 
 import hashlib
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from mmkd.config import AlignCfg
-from mmkd.features.projector import save_projector, train_projector
+from mmkd.features import diagnostics
+from mmkd.features.projector import Pull, fit_maps, save_projector, train_projector
+from mmkd.features.reader import TeacherFeatures
 from mmkd.features.store import FeatureError, FeatureStore, write_shard
+
+
+@dataclass
+class Split:
+    """One curated split's samples: keys (S32), modality names, and class labels (None: unlabelled)."""
+
+    keys: np.ndarray
+    modality: np.ndarray
+    labels: list | None = None
 
 
 class StoreRows:
@@ -25,6 +40,7 @@ class StoreRows:
     def __init__(self, store: FeatureStore, teacher: str, version: str, keys: np.ndarray):
         shard, row = store.locate(teacher, version, keys)
         keep = shard >= 0
+        self.index = np.flatnonzero(keep)  # which of `keys` each of the n rows is
         self.store, self.shard, self.row = store, shard[keep], row[keep]
         self.dim = store.set_info(teacher, version)["dim"]
         self.n = int(keep.sum())
@@ -49,38 +65,129 @@ def projector_hash(model: torch.nn.Module) -> str:
     return h.hexdigest()[:10]
 
 
-def align(raw_root: Path, sets: list[tuple[str, str]], train_keys: np.ndarray, out_root: Path, latent: int,
-          cfg: AlignCfg, seed: int, dtype: str, chunk: int = 8192) -> dict:
-    """Fit the projector on the train rows of `sets` (teacher, version), project every raw shard into out_root."""
+def student_embeddings(stage1_dir: Path, curated_dir: Path, records: list[dict], device, batch: int = 256):
+    """The stage-1 student's unit image and caption embeddings of `records` (split_records order): [N, d] each."""
+    import open_clip
+
+    from mmkd.data.store import open_images
+    from mmkd.models.encoder import ClipEncoder
+    from mmkd.models.factory import image_spec, load_checkpoint
+
+    model, meta = load_checkpoint(stage1_dir, device)
+    enc = ClipEncoder("student_stage1", model, open_clip.get_tokenizer(meta["model"]), device)
+    images = open_images(curated_dir, records, image_spec(model).size)
+    img = np.concatenate([enc.encode_images(np.asarray(images[np.arange(i, min(len(records), i + batch))]), batch)
+                          for i in range(0, len(records), batch)]) if records else np.zeros((0, 0), np.float32)
+    images.release()
+    return img, enc.encode_texts([r["caption"] for r in records], batch)
+
+
+def _fit(raw: FeatureStore, sets, train: Split, domains, latent, cfg: AlignCfg, seed: int, student):
+    if cfg.method == "autoencoder":
+        sources = {t: StoreRows(raw, t, v, train.keys) for t, v in sets}
+        pull = None
+        if cfg.anchor_weight > 0 or cfg.consistency_weight > 0:
+            if cfg.anchor_weight > 0 and student is None:
+                raise FeatureError("align.anchor_weight needs the stage-1 student's embeddings; run pretrain first")
+            both = None if student is None else torch.from_numpy(np.concatenate(student)).float()
+            eligible = {t: np.isin(train.modality, domains.get(t, [])) for t in sources}
+            pull = Pull(sources, {t: s.index for t, s in sources.items()}, both, eligible)
+        return train_projector(sources, latent, cfg, seed, pull)
+    if student is None:
+        raise FeatureError(f"align.method '{cfg.method}' needs the stage-1 student's embeddings; run pretrain first")
+    return fit_maps(TeacherFeatures(raw, sets, train.keys), student, train.modality, domains, cfg.method, cfg), {}
+
+
+def align(raw_root: Path, sets: list[tuple[str, str]], train: "Split | np.ndarray", out_root: Path, latent: int,
+          cfg: AlignCfg, seed: int, dtype: str, domains: dict[str, list[str]] | None = None, student=None,
+          probe: Split | None = None, modality_of: dict[bytes, str] | None = None, chunk: int = 8192) -> dict:
+    """Fit the map on the train rows of `sets` (teacher, version), project every raw shard into out_root; with
+    `probe`, measure the space (returned under "space"). student: the stage-1 student's (image, text) embeddings
+    of the train samples (needed by shared, procrustes, and the autoencoder's anchor). modality_of: each stored
+    key's modality, which picks the `shared` method's per-modality map (a key without one: the teacher's `*` map)."""
+    if not isinstance(train, Split):  # keys alone: no modality known (the autoencoder without pulls needs none)
+        train = Split(np.asarray(train, dtype="S32"), np.full(len(train), "unknown"))
+    domains = domains or {}
     raw = FeatureStore(raw_root)
-    sources = {}
     for t, v in sets:
-        rows = StoreRows(raw, t, v, train_keys)
-        if rows.n == 0:
+        if StoreRows(raw, t, v, train.keys).n == 0:
             raise FeatureError(f"teacher '{t}' version {v}: no train-split features in {raw_root}; run cache_features")
-        sources[t] = rows
-    model, metrics = train_projector(sources, latent, cfg, seed)
+    model, metrics = _fit(raw, sets, train, domains, latent, cfg, seed, student)
     raw.release()
     phash = projector_hash(model)
     out_root = Path(out_root)
     if out_root.exists():
-        shutil.rmtree(out_root)  # projections of an older projector are worthless: rebuilt whole
+        shutil.rmtree(out_root)  # projections of an older map are worthless: rebuilt whole
     out = FeatureStore(out_root, create=True)
     written = 0
     for t, v in sets:
         version = f"{v}-{phash}"
-        out.register_set(t, version, latent, dtype, {"raw_version": v, "projector": phash})
+        out.register_set(t, version, latent, dtype, {"raw_version": v, "projector": phash, "method": cfg.method})
         shards = raw.db.execute("SELECT id, unit FROM shards WHERE teacher=? AND version=? ORDER BY id", (t, v))
         for sid, unit in shards.fetchall():
             img_in, txt_in = raw.arrays(sid)  # checked (sums, keys) on first open: a damaged shard is refused
             keys = raw.shard_keys(sid)
-            img = np.concatenate([model.project(t, torch.from_numpy(np.array(img_in[i : i + chunk], np.float32))).numpy()
-                                  for i in range(0, len(keys), chunk)])
-            txt = np.concatenate([model.project(t, torch.from_numpy(np.array(txt_in[i : i + chunk], np.float32))).numpy()
-                                  for i in range(0, len(keys), chunk)])
+            mods = np.array([(modality_of or {}).get(bytes(k), "unknown") for k in keys])
+
+            def project(rows):
+                return np.concatenate([model.project(t, torch.from_numpy(np.array(rows[i : i + chunk], np.float32)),
+                                                     mods[i : i + chunk]).numpy() for i in range(0, len(keys), chunk)])
+
+            img, txt = project(img_in), project(txt_in)
             write_shard(out_root, t, version, unit, keys, img, txt, latent, dtype)
             written += out.commit(t, version, unit)
     save_projector(model, out_root / "projector")
+    result = {"projector": phash, "method": cfg.method, "projected_rows": written, **metrics}
+    if probe is not None:
+        out_sets = [(t, f"{v}-{phash}") for t, v in sets]
+        baseline = None
+        if student is not None:  # the Procrustes baseline the shared space must beat, on the same probe samples
+            baseline = fit_maps(TeacherFeatures(raw, sets, train.keys), student, train.modality, domains,
+                                "procrustes", cfg)
+        result["space"] = measure(raw, out, sets, out_sets, probe, domains, seed, baseline)
     raw.close()
     out.close()
-    return {"projector": phash, "projected_rows": written, **metrics}
+    return result
+
+
+def _quality(features: TeacherFeatures, split: Split, domains: dict[str, list[str]]) -> dict[str, float]:
+    """Each teacher's nearest-caption-prototype balanced accuracy on the split, averaged over its modalities."""
+    from mmkd.training.strategies import teacher_quality
+
+    mods = sorted(set(split.modality.tolist()))
+    q = teacher_quality(features, split.labels, np.array([mods.index(m) for m in split.modality]), len(mods))
+    out = {}
+    for j, t in enumerate(features.names):
+        vals = [q[j, mods.index(m)] for m in domains.get(t, []) if m in mods and np.isfinite(q[j, mods.index(m)])]
+        out[t] = float(np.mean(vals)) if vals else float("nan")
+    return out
+
+
+class _Projected:
+    """TeacherFeatures' reading interface over raw features passed through fixed maps (the baseline's space)."""
+
+    def __init__(self, raw: TeacherFeatures, maps):
+        self.raw, self.maps, self.names, self.available = raw, maps, raw.names, raw.available
+
+    def batch(self, idx):
+        parts = self.raw.batch(idx)
+        return {t: tuple(self.maps.project(t, torch.from_numpy(np.asarray(a))).numpy() for a in parts[t])
+                for t in self.names}
+
+
+def measure(raw: FeatureStore, out: FeatureStore, sets, out_sets, probe: Split, domains, seed: int,
+            baseline=None) -> dict:
+    """The diagnostic and the teachers' own probe quality on the probe split: in the new space, in the raw
+    features (quality only: raw spaces of different teachers are not comparable) and in the Procrustes baseline."""
+    def space(features) -> dict:
+        imgs = {t: a for t, (a, _) in features.batch(np.arange(len(probe.keys))).items()}
+        avail = {t: features.available[:, j] for j, t in enumerate(features.names)}
+        rows = diagnostics.shared_space(imgs, avail, probe.modality, domains, seed)
+        return {"pairs": rows, "summary": diagnostics.summary(rows), "quality": _quality(features, probe, domains)}
+
+    raw_feats = TeacherFeatures(raw, sets, probe.keys)
+    report = {"split": "probe", "aligned": space(TeacherFeatures(out, out_sets, probe.keys)),
+              "raw_quality": _quality(raw_feats, probe, domains)}
+    if baseline is not None:
+        report["procrustes"] = space(_Projected(raw_feats, baseline))
+    return report

@@ -1,10 +1,12 @@
-"""Owns the multi-teacher autoencoder that maps each teacher's native embeddings to the student's dimension."""
+"""Owns the maps from each teacher's native embeddings to the student's space: the orthogonal maps of the shared
+space (`shared`, `procrustes`) and the reference's multi-teacher autoencoder (`autoencoder`)."""
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save
@@ -35,16 +37,19 @@ class MultiTeacherAutoencoder(nn.Module):
         return self.out[teacher](self.decoder(self.encode(teacher, x)))
 
     @torch.no_grad()
-    def project(self, teacher: str, x: torch.Tensor) -> torch.Tensor:
-        """Student-dimension targets, L2-normalised (the reference forgot this; its MSE assumes it)."""
+    def project(self, teacher: str, x: torch.Tensor, modality=None) -> torch.Tensor:
+        """Student-dimension targets, L2-normalised (the reference forgot this; its MSE assumes it). One map for
+        every modality: `modality` is ignored."""
         self.eval()
         return F.normalize(self.encode(teacher, x), dim=-1)
 
 
-def train_projector(features: dict, latent: int, cfg: AlignCfg, seed: int) -> tuple[MultiTeacherAutoencoder, dict]:
+def train_projector(features: dict, latent: int, cfg: AlignCfg, seed: int,
+                    pull: "Pull | None" = None) -> tuple[MultiTeacherAutoencoder, dict]:
     """features: teacher -> rows [N, D_t] (image and text rows together): a tensor, or anything with len(),
     .shape and batch indexing returning a float tensor (features.align.StoreRows streams them from the store).
-    Reconstruction MSE with input noise."""
+    Reconstruction MSE with input noise; with `pull`, plus cfg.anchor_weight * InfoNCE toward the stage-1
+    student's embedding of the pair and cfg.consistency_weight * InfoNCE toward the other teachers' projections."""
     torch.manual_seed(seed)
     gen = torch.Generator().manual_seed(seed)
     dims = {t: int(x.shape[1]) for t, x in features.items()}
@@ -64,6 +69,8 @@ def train_projector(features: dict, latent: int, cfg: AlignCfg, seed: int) -> tu
             batch = features[t][rows.sort().values]  # sorted: kinder to memory-mapped shards
             noisy = batch + cfg.noise_std * torch.randn(batch.shape, generator=gen)
             loss = F.mse_loss(model(t, noisy), batch)
+            if pull is not None:
+                loss = loss + pull.loss(model, t, rows.sort().values, noisy, cfg)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -74,15 +81,194 @@ def train_projector(features: dict, latent: int, cfg: AlignCfg, seed: int) -> tu
     return model, {f"recon_mse_{t}": v for t, v in losses.items()}
 
 
-def save_projector(model: MultiTeacherAutoencoder, folder: Path) -> None:
+def _contrast(z: torch.Tensor, target: torch.Tensor, temperature: float = 0.1) -> torch.Tensor:
+    """InfoNCE of each row against its own target among the batch's: a plain cosine pull would be met by the
+    modality cluster alone (every row of a modality drawn to one point), this one needs the sample itself."""
+    logits = z @ target.T / temperature
+    return F.cross_entropy(logits, torch.arange(len(z)))
+
+
+class Pull:
+    """The autoencoder's optional contrastive pulls on its latent: toward the stage-1 student's embedding of the same
+    pair (anchor) and toward the other teachers' projections of it (consistency). Row r of teacher t's rows is
+    sample index[t][r % n_t] of the common train list (image rows, then text rows, as StoreRows lays them out)."""
+
+    def __init__(self, features: dict, index: dict[str, np.ndarray], student: torch.Tensor | None,
+                 eligible: dict[str, np.ndarray]):
+        self.features, self.index, self.student, self.eligible = features, index, student, eligible
+        # where each common sample sits in every teacher's rows (-1: no features)
+        n = len(next(iter(eligible.values())))
+        self.where = {}
+        for t, idx in index.items():
+            w = np.full(n, -1, np.int64)
+            w[idx] = np.arange(len(idx))
+            self.where[t] = w
+
+    def loss(self, model: MultiTeacherAutoencoder, t: str, rows: torch.Tensor, noisy: torch.Tensor,
+             cfg: AlignCfg) -> torch.Tensor:
+        rows = rows.numpy()
+        n_t = len(self.index[t])
+        sample, is_text = self.index[t][rows % n_t], rows >= n_t
+        z = F.normalize(model.encode(t, noisy), dim=-1)
+        total = z.new_zeros(())
+        if cfg.anchor_weight > 0 and self.student is not None:
+            y = self.student[torch.from_numpy(sample + is_text * (len(self.student) // 2))]
+            total = total + cfg.anchor_weight * _contrast(z, y)
+        if cfg.consistency_weight > 0:
+            for o in self.features:
+                if o == t:
+                    continue
+                pos = self.where[o][sample]
+                ok = (pos >= 0) & self.eligible[o][sample] & self.eligible[t][sample]
+                if not ok.any():
+                    continue
+                o_rows = pos[ok] + is_text[ok] * len(self.index[o])
+                order = np.argsort(o_rows)
+                with torch.no_grad():  # the other teacher's projection is the target of this step, not moved by it
+                    zo = F.normalize(model.encode(o, self.features[o][torch.from_numpy(o_rows[order])]), dim=-1)
+                zt = z[torch.from_numpy(np.flatnonzero(ok)[order])]
+                total = total + cfg.consistency_weight * _contrast(zt, zo)
+        return total
+
+
+# ---------------------------------------------------------------------------------------------- orthogonal maps
+
+
+def procrustes(cross: torch.Tensor) -> torch.Tensor:
+    """argmax_W trace(W^T cross) over [D, d] W with orthonormal columns (D >= d) or rows (D < d): the orthogonal
+    Procrustes map for cross = X^T Y (X [N, D] onto Y [N, d]); semi-orthogonal when the dims differ."""
+    u, _, vh = torch.linalg.svd(cross.double(), full_matrices=False)
+    return (u @ vh).float()
+
+
+ALL = "*"  # the map of a teacher's rows whatever their modality
+
+
+class LinearMaps(nn.Module):
+    """Fixed matrices per teacher (teacher dim -> student dim): one for each of its declared modalities and one
+    for all its rows (`*`: a sample of another or an unknown modality). A projection is x @ W, L2-normalised. An
+    orthogonal W keeps the teacher's own geometry within a modality: cosines between its image and text rows are
+    unchanged when it is narrower than the student, and a best-aligned subspace is kept when it is wider."""
+
+    def __init__(self, dims: dict[str, int], latent: int, method: str, groups: dict[str, list[str]] | None = None):
+        super().__init__()
+        self.dims, self.latent, self.method = dict(dims), latent, method
+        self.groups = {t: sorted({ALL, *(groups or {}).get(t, [])}) for t in dims}
+        self.weights = nn.ParameterDict({f"{t}@{g}": nn.Parameter(torch.zeros(d, latent), requires_grad=False)
+                                         for t, d in dims.items() for g in self.groups[t]})
+
+    def weight(self, teacher: str, group: str = ALL) -> torch.Tensor:
+        return self.weights[f"{teacher}@{group}"]
+
+    @torch.no_grad()
+    def project(self, teacher: str, x: torch.Tensor, modality=None) -> torch.Tensor:
+        """modality: [n] names (None: the `*` map for every row)."""
+        x = x.float()
+        if modality is None:
+            return F.normalize(x @ self.weight(teacher), dim=-1)
+        modality = np.asarray(modality).astype(str)
+        out = torch.empty(len(x), self.latent)
+        for m in np.unique(modality):
+            sel = torch.from_numpy(np.flatnonzero(modality == m))
+            out[sel] = x[sel] @ self.weight(teacher, m if m in self.groups[teacher] else ALL)
+        return F.normalize(out, dim=-1)
+
+
+def save_projector(model: nn.Module, folder: Path) -> None:
     folder.mkdir(parents=True, exist_ok=True)
     atomic.write_bytes(folder / "projector.safetensors", save({k: v.contiguous() for k, v in model.state_dict().items()}))
-    meta = {"dims": model.dims, "latent": model.latent, "hidden": model.hidden}
+    if isinstance(model, LinearMaps):
+        meta = {"kind": "linear", "method": model.method, "dims": model.dims, "latent": model.latent,
+                "groups": model.groups}
+    else:
+        meta = {"kind": "autoencoder", "dims": model.dims, "latent": model.latent, "hidden": model.hidden}
     atomic.write_json(folder / "projector.json", meta, sort_keys=True)
 
 
-def load_projector(folder: Path) -> MultiTeacherAutoencoder:
+def load_projector(folder: Path) -> nn.Module:
     meta = json.loads((folder / "projector.json").read_text())
-    model = MultiTeacherAutoencoder(meta["dims"], meta["latent"], meta["hidden"], dropout=0.0)
+    if meta.get("kind") == "linear":
+        model = LinearMaps(meta["dims"], meta["latent"], meta["method"], meta["groups"])
+    else:
+        model = MultiTeacherAutoencoder(meta["dims"], meta["latent"], meta["hidden"], dropout=0.0)
     model.load_state_dict(load_file(folder / "projector.safetensors"))
     return model.eval()
+
+
+def fit_maps(source, student: tuple[np.ndarray, np.ndarray], modality: np.ndarray, domains: dict[str, list[str]],
+             method: str, cfg: AlignCfg, chunk: int = 16384) -> LinearMaps:
+    """Orthogonal maps of every teacher into the stage-1 student's space, fitted on the train pairs.
+
+    source: the teachers' raw train features (features.reader.TeacherFeatures: `.names`, `.dims`, `.available`
+    [N, T], `.batch(idx)`); student: its unit image and text embeddings of the same N pairs; modality: [N] names.
+    `procrustes`: one map per teacher, its raw image and text rows onto the student's (every row it has).
+    `shared`: one map per teacher and declared modality (and one `*` map over all of them), fitted on that
+    modality's rows with each teacher's and the student's modality means removed first (per kind: image, text),
+    so that the within-modality structure, which the modality cluster otherwise outweighs, is what is aligned;
+    then `cfg.iterations` refits onto a consensus: the student's centred row plus `cfg.consensus_weight` times
+    each other teacher's current projection of the same row, for the teachers that declare the row's modality
+    (generalised Procrustes anchored on the student). Streams over the rows in chunks.
+    """
+    names, dims = list(source.names), dict(zip(source.names, source.dims))
+    latent = int(student[0].shape[1])
+    mods = np.asarray(modality).astype(str)
+    kinds, mi = np.unique(mods, return_inverse=True)
+    n = len(mods)
+    avail = np.asarray(source.available, bool)
+    if method == "procrustes":
+        fit = {t: avail[:, j] for j, t in enumerate(names)}
+        groups: dict[str, list[str]] = {t: [] for t in names}
+    else:
+        own = {t: avail[:, j] & np.isin(mods, domains.get(t, [])) for j, t in enumerate(names)}
+        fit = {t: own[t] if own[t].any() else avail[:, j] for j, t in enumerate(names)}  # no own rows: all its rows
+        groups = {t: sorted(set(mods[own[t]].tolist())) for t in names}
+    # per row, the map of teacher t that projects it: its modality's, else t's `*` map
+    key = {t: np.array([g if g in groups[t] else ALL for g in kinds], dtype=object)[mi] for t in names}
+    chunks = [np.arange(s, min(n, s + chunk)) for s in range(0, n, chunk)]
+    mu = {t: np.zeros((len(kinds), 2, dims[t])) for t in names}
+    nu = np.zeros((len(kinds), 2, latent))
+    if method == "shared":  # pass 1: the means removed (teachers: over their fitted rows; student: over all rows)
+        counts = {t: np.zeros(len(kinds)) for t in names}
+        for sel in chunks:
+            parts = source.batch(sel)
+            for t in names:
+                ok = fit[t][sel]
+                for k in (0, 1):
+                    np.add.at(mu[t][:, k], mi[sel][ok], np.asarray(parts[t][k], np.float64)[ok])
+                counts[t] += np.bincount(mi[sel][ok], minlength=len(kinds))
+        mu = {t: mu[t] / np.maximum(counts[t], 1)[:, None, None] for t in names}
+        for k in (0, 1):
+            nu[:, k] = np.stack([np.asarray(student[k][mi == g], np.float64).mean(0) for g in range(len(kinds))])
+    weights: dict[tuple[str, str], np.ndarray] = {}
+    for it in range(1 + (cfg.iterations if method == "shared" else 0)):
+        cross = {(t, g): np.zeros((dims[t], latent)) for t in names for g in (ALL, *groups[t])}
+        for sel in chunks:
+            parts = source.batch(sel)
+            for k in (0, 1):
+                y = np.asarray(student[k][sel], np.float64) - nu[mi[sel], k]
+                x = {t: np.asarray(parts[t][k], np.float64) - mu[t][mi[sel], k] for t in names}
+                proj = {}
+                if it and cfg.consensus_weight > 0:
+                    for t in names:
+                        proj[t] = np.zeros((len(sel), latent))
+                        for g in set(key[t][sel]):
+                            rows = key[t][sel] == g
+                            proj[t][rows] = x[t][rows] @ weights[(t, g)]
+                for t in names:
+                    target, weight = y.copy(), np.ones(len(sel))
+                    for o in proj:
+                        if o != t:
+                            ok = fit[o][sel]
+                            target[ok] += cfg.consensus_weight * proj[o][ok]
+                            weight[ok] += cfg.consensus_weight
+                    ok = fit[t][sel]
+                    part = x[t][ok].T @ (target[ok] / weight[ok, None])
+                    cross[(t, ALL)] += part
+                    for g in groups[t]:
+                        rows = ok & (key[t][sel] == g)
+                        cross[(t, g)] += x[t][rows].T @ (target[rows] / weight[rows, None])
+        weights = {tg: procrustes(torch.from_numpy(c)).double().numpy() for tg, c in cross.items()}
+    maps = LinearMaps(dims, latent, method, groups)
+    for (t, g), w in weights.items():
+        maps.weight(t, g).data.copy_(torch.from_numpy(w).float())
+    return maps.eval()

@@ -1,4 +1,4 @@
-"""Owns the `align` step: the multi-teacher projector, trained over the store, and the projected features."""
+"""Owns the `align` step: every teacher's features mapped into the student's space, and that space measured."""
 
 from __future__ import annotations
 
@@ -22,21 +22,58 @@ def current_sets(ctx: Context) -> list[tuple[str, str]]:
     return [(s.name, held[s.name]["version"]) for s in ctx.params.teachers.registry]
 
 
-def step_align(ctx: Context, run: StepRun) -> dict:
+def _split(ctx: Context, name: str):
     import numpy as np
 
     from mmkd.data.store import split_records
-    from mmkd.features.align import align
+    from mmkd.features.align import Split
+
+    records = split_records(ctx.ws.curated, name, ("key", "modality", "labels", "caption"))
+    return records, Split(np.array([r["key"] for r in records], dtype="S32"),
+                          np.array([r["modality"] or "unknown" for r in records]),
+                          [(r.get("labels") or {}).get("finding") for r in records])
+
+
+def step_align(ctx: Context, run: StepRun) -> dict:
+    from mmkd.data.splits import SPLITS
+    from mmkd.data.store import split_records
+    from mmkd.features import diagnostics
+    from mmkd.features.align import align, student_embeddings
     from mmkd.models.factory import model_config
+    from mmkd.steps.common import _device
 
     p, ws = ctx.params, ctx.ws
     run.log_params({"align": p.align.model_dump(), "student_model": p.pretrain.model})
     latent = model_config(p.pretrain.model)["embed_dim"]
-    keys = np.array([r["key"] for r in split_records(ws.curated, "train")], dtype="S32")
-    stats = align(ws.teacher_features, current_sets(ctx), keys, ws.aligned_features, latent, p.align, p.seed,
-                  p.features.dtype)
+    records, train = _split(ctx, "train")
+    _, probe = _split(ctx, "probe")
+    student = None
+    if p.align.method != "autoencoder" or p.align.anchor_weight > 0 or len(probe.keys):
+        # the anchor of the shared space, and of the Procrustes baseline the diagnostic compares against
+        student = student_embeddings(ws.stage1, ws.curated, records, _device(ctx))
+    domains = {s.name: list(s.modalities) for s in p.teachers.registry}
+    modality_of = {}  # every curated key's modality: it picks the per-modality map that projects the key
+    for name in SPLITS:
+        for r in split_records(ws.curated, name, ("key", "modality")):
+            modality_of[r["key"].encode()] = r["modality"] or "unknown"
+    stats = align(ws.teacher_features, current_sets(ctx), train, ws.aligned_features, latent, p.align, p.seed,
+                  p.features.dtype, domains, student, probe if len(probe.keys) else None, modality_of)
+    space = stats.pop("space", None)
     atomic.write_json(ws.aligned_features / "aligned.json",
-                      {"projector": stats["projector"], "latent_dim": latent, "rows": stats["projected_rows"]})
+                      {"projector": stats["projector"], "method": stats["method"], "latent_dim": latent,
+                       "rows": stats["projected_rows"]})
     run.log_metrics({k: v for k, v in stats.items() if isinstance(v, (int, float))})
+    if space is not None:
+        atomic.write_json(ws.aligned_features / "diagnostics.json", {"method": stats["method"], **space},
+                          sort_keys=True)
+        metrics = diagnostics.metric_items(space["aligned"]["pairs"], "space")
+        if "procrustes" in space:
+            metrics.update(diagnostics.metric_items(space["procrustes"]["pairs"], "space_procrustes"))
+        for t, q in space["aligned"]["quality"].items():
+            metrics[f"space.quality.{t}"] = q
+            metrics[f"space.quality_raw.{t}"] = space["raw_quality"][t]
+        run.log_metrics({k: v for k, v in metrics.items() if v == v})  # NaN (not measurable) is not logged
+        run.log_artifact(ws.aligned_features / "diagnostics.json")
+        stats["space"] = space["aligned"]["summary"]
     run.log_artifact(ws.aligned_features / "projector" / "projector.json")
     return stats

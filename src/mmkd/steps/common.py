@@ -19,7 +19,8 @@ from mmkd.config import Params, Workspace, load_params
 from mmkd.tracking.mlflow_runs import PARENT_ENV, StepRun, Tracker, data_hash, git_commit
 
 log = logging.getLogger("mmkd")
-PIPELINE = ("curate", "validate", "teachers", "cache_features", "align", "pretrain", "distill", "evaluate", "register")
+# align follows pretrain: the shared teacher space is anchored on the stage-1 student (docs/distillation.md)
+PIPELINE = ("curate", "validate", "teachers", "cache_features", "pretrain", "align", "distill", "evaluate", "register")
 
 
 @dataclass

@@ -44,7 +44,27 @@ def step_curate(ctx: Context, run: StepRun) -> dict:
         run.log_artifact(deidentified_quarantine(ws.curated / "quarantine.jsonl", Path(tmp) / "quarantine.jsonl",
                                                  keyed_token(key)))
     run.log_artifact(ws.curated / "summary.json")
+    if p.curate.check_contamination:
+        _check_contamination(ctx, run)
     if summary["quarantined"]:
         log.warning("curate: %d records quarantined (%s); see %s", summary["quarantined"],
                     json.dumps(summary["quarantine_reasons"]), ws.curated / "quarantine.jsonl")
     return summary
+
+
+def _check_contamination(ctx: Context, run: StepRun) -> None:
+    """Every evaluation image on disk against the store just switched in: artifacts/curated/contamination.json
+    (validation fails above validate.max_contaminated_fraction). Written after the switch, beside the store's
+    files (not in checksums.json): the next curation run replaces the generation, and this step rewrites it."""
+    from mmkd.data.contamination import summarise, workspace_report, write_report
+
+    report = workspace_report(ctx.params, ctx.ws)
+    write_report(ctx.ws.curated, report)
+    short = summarise(report)
+    run.log_metrics({f"contamination_{kind}_{split}": n for kind, per in short["totals"].items()
+                     for split, n in per.items()} | {"contamination_images": report["images"]})
+    # counts only: the report names curated record ids, which may carry identifiers (the quarantine's rule)
+    if short["contaminated_datasets"]:
+        log.warning("curate: evaluation images found in the curated train split: %s; e.g. %s (see %s)",
+                    json.dumps(short["contaminated_datasets"]), "; ".join(short["examples"][:3]),
+                    ctx.ws.curated / "contamination.json")

@@ -66,7 +66,8 @@ def plan_evaluation(ctx: Context) -> dict:
                  "modality": e.modalities[0] if len(e.modalities) == 1 else "mixed", "tasks": list(e.tasks)}
                 for e in entries]
     e = ctx.params.evaluate
-    settings = {"seed": ctx.params.seed, "recall_k": e.recall_k, "probe": e.probe.model_dump(), "folds": e.folds}
+    settings = {"seed": ctx.params.seed, "recall_k": e.recall_k, "probe": e.probe.model_dump(), "folds": e.folds,
+                "head_seeds": e.head_seeds}
     plan = {"models": models, "datasets": datasets, "missing": missing, "settings": settings}
     out = ctx.ws.evaluation
     shutil.rmtree(out / "results", ignore_errors=True)  # a unit's result is this run's, or absent
@@ -139,12 +140,16 @@ def _session_model(session: dict, ctx: Context, name: str):
 
 
 def _session_dataset(session: dict, ctx: Context, name: str):
-    """(entry, dataset, decoded images) of the dataset the units are on; decoded once for all models."""
+    """(entry, dataset, decoded images, content fingerprint) of the dataset the units are on; decoded and
+    fingerprinted once for all models."""
+    from mmkd.evaluation.run import dataset_fingerprint
+
     if session.get("dataset", (None,))[0] != name:
         session.pop("dataset", None)  # one dataset in memory at a time
         entry = _entry(ctx, name)
         ds = _load(ctx, entry)
-        session["dataset"] = (name, entry, ds, [ds.images.load(i) for i in range(len(ds.images))])
+        session["dataset"] = (name, entry, ds, [ds.images.load(i) for i in range(len(ds.images))],
+                              dataset_fingerprint(ds, entry))
     return session["dataset"][1:]
 
 
@@ -153,10 +158,10 @@ def run_unit(ctx: Context, model: str, dataset: str) -> dict:
     from mmkd.evaluation.run import evaluate_pair, write_result
 
     session = _SESSION if _SESSION is not None else {}
-    entry, ds, images = _session_dataset(session, ctx, dataset)
+    entry, ds, images, fingerprint = _session_dataset(session, ctx, dataset)
     encoder, version = _session_model(session, ctx, model)
     res = evaluate_pair(encoder, version, entry, ds, ctx.params.evaluate, ctx.params.seed, _cache_dir(ctx), images)
-    write_result(ctx.ws.evaluation / "results", model, dataset, res)
+    write_result(ctx.ws.evaluation / "results", model, dataset, {**res, "dataset_fingerprint": fingerprint})
     return {"model": model, "dataset": dataset, "seconds": res["seconds"]}
 
 
@@ -174,6 +179,25 @@ def _run_in_process(ctx: Context, units: list[tuple[str, str]]) -> None:
             run_unit(ctx, model, dataset)
         except Exception as e:
             record_failure(ctx, model, dataset, f"{type(e).__name__}: {e}")
+
+
+def data_checks(ctx: Context, plan: dict) -> dict:
+    """What the report says about the evaluated data itself: its images found in the curated training store
+    (mmkd.data.contamination; hashes cached, so cheap after curation checked them) and the datasets whose splits
+    are not by patient (the catalog's split_by)."""
+    from mmkd.data.contamination import contamination_summary
+
+    names = [d["name"] for d in plan["datasets"]]
+    try:
+        contamination = contamination_summary(ctx.params, ctx.ws, names)
+    except (OSError, ValueError, KeyError) as exc:  # no curated store (an evaluation-only workspace): say so
+        contamination = {"error": f"{type(exc).__name__}: {exc}"}
+    flagged = {}
+    for name in names:
+        entry = _entry(ctx, name)
+        if entry.split_flagged:
+            flagged[name] = entry.split_by or "undeclared"
+    return {"contamination": contamination, "split_not_by_patient": flagged}
 
 
 def step_evaluate(ctx: Context, run: StepRun) -> dict:
@@ -197,10 +221,16 @@ def step_evaluate(ctx: Context, run: StepRun) -> dict:
     finally:
         _SESSION = None
     out = write_reports(plan, ws.evaluation / "results", ws.metrics, ws.leaderboard, ws.plots,
-                        ws.evaluation_report, ws.evaluation / "rejected")
+                        ws.evaluation_report, ws.evaluation / "rejected", data_checks=data_checks(ctx, plan))
     seconds = time.perf_counter() - t0
     for model_name, per in out["metrics"].items():
-        run.log_metrics({f"{model_name}.{d}.{k}": v for d, m in per.items() for k, v in m.items()})
+        # the gain is no model: `gain/...` keeps it out of the `<model>.<dataset>.<metric>` names history reads
+        fmt = "gain/{d}.{k}" if model_name == "gain" else f"{model_name}.{{d}}.{{k}}"
+        run.log_metrics({fmt.format(d=d, k=k): v for d, m in per.items() for k, v in m.items()})
+    contamination = out["status"]["data_checks"]["contamination"]
+    if "totals" in contamination:
+        run.log_metrics({f"contamination.{kind}.{split}": n for kind, per in contamination["totals"].items()
+                         for split, n in per.items()})
     run.log_metrics({"evaluation_seconds": seconds, "evaluation_units": len(units),
                      "evaluation_failed_units": len(out["status"]["failed"]),
                      "evaluation_missing_datasets": len(plan["missing"])})
@@ -211,4 +241,4 @@ def step_evaluate(ctx: Context, run: StepRun) -> dict:
         raise RuntimeError(f"evaluate: every unit failed, e.g. {next(iter(failed.items()))}")
     return {"seconds": round(seconds, 1), "units": len(units), "failed": failed, "missing": plan["missing"],
             "evaluation_id": out["status"]["evaluation_id"],
-            **{m: per["mean"] for m, per in out["metrics"].items()}}
+            **{m: per["mean"] for m, per in out["metrics"].items() if "mean" in per}}

@@ -91,8 +91,8 @@ STEP_IO: dict[str, StepIO] = {
     "cache_features": StepIO(lambda c: [c.ws.curated, c.ws.teachers],
                              ("paths", "seed", "device", "features", "teachers.registry"),
                              lambda c: [c.ws.teacher_features]),
-    "align": StepIO(lambda c: [c.ws.curated, c.ws.teacher_features],
-                    ("paths", "seed", "align", "features.dtype", "teachers.registry", "pretrain.model"),
+    "align": StepIO(lambda c: [c.ws.curated, c.ws.teacher_features, c.ws.stage1],
+                    ("paths", "seed", "device", "align", "features.dtype", "teachers.registry", "pretrain.model"),
                     lambda c: [c.ws.aligned_features]),
     "pretrain": StepIO(lambda c: [c.ws.curated, c.ws.validation_report],
                        ("paths", "seed", "device", "threads", "pretrain"), lambda c: [c.ws.stage1]),
@@ -102,8 +102,10 @@ STEP_IO: dict[str, StepIO] = {
     "evaluate": StepIO(lambda c: [c.ws.student, c.ws.stage1, c.ws.teachers, c.ws.eval_data, c.ws.embedded_suite],
                        ("paths", "seed", "device", "evaluate", "synth.eval_suite", "teachers.registry"),
                        lambda c: [c.ws.metrics, c.ws.leaderboard, c.ws.evaluation_report, c.ws.plots]),
-    "register": StepIO(lambda c: [c.ws.student, c.ws.metrics, c.ws.evaluation_report],
-                       ("paths", "register", "serving", "tracking"), lambda c: [c.ws.registration],
+    "register": StepIO(lambda c: [c.ws.student, c.ws.metrics, c.ws.evaluation_report, c.ws.eval_data,
+                                  c.ws.embedded_suite],  # the gate's val items
+                       ("paths", "seed", "device", "evaluate", "register", "serving", "tracking"),
+                       lambda c: [c.ws.registration],
                        _register_still_valid),
 }
 

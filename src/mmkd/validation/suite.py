@@ -1,4 +1,5 @@
-"""Owns data validation: Great Expectations 1.x suites over the curated manifest and shards, with Data Docs."""
+"""Owns data validation: Great Expectations 1.x suites over the curated manifest and shards, with Data Docs,
+and the contamination gate (mmkd.validation.contamination)."""
 
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ from mmkd.data.clean import UNKNOWN
 from mmkd.data.contract import Rule, manifest_rules
 from mmkd.data.splits import SPLITS
 from mmkd.data.manifest import read_manifest
+from mmkd.validation.contamination import contamination_failures
 from mmkd import atomic
 
 
@@ -138,7 +140,7 @@ def validate(curated_dir: Path, curate: CurateCfg, cfg: ValidateCfg, docs_dir: P
                 results.extend(run.results)
     finally:
         shutil.rmtree(project, ignore_errors=True)
-    failures = []
+    contamination, failures, n_checks = contamination_failures(curated_dir, cfg)
     for r in results:
         cfg_ = r.expectation_config
         if not r.success:
@@ -148,7 +150,8 @@ def validate(curated_dir: Path, curate: CurateCfg, cfg: ValidateCfg, docs_dir: P
                              f"{cfg_.kwargs.get('column_A')}{op}{cfg_.kwargs.get('column_B')}",
                              "unexpected_count": res.get("unexpected_count"),
                              "examples": [str(v) for v in (res.get("partial_unexpected_list") or [])[:5]]})
-    summary = {"success": not failures, "evaluated": len(results), "failed": len(failures), "failures": failures,
+    summary = {"success": not failures, "evaluated": len(results) + n_checks, "failed": len(failures),
+               "failures": failures, "contamination": contamination,
                "rows": int(len(df)), "split_rows": dict(zip(splits["split"], splits["rows"].astype(int).tolist())),
                # relative to the report, so the report is the same on every machine
                "data_docs": os.path.relpath(docs_dir / "index.html", Path(report_path).resolve().parent)}
@@ -157,6 +160,6 @@ def validate(curated_dir: Path, curate: CurateCfg, cfg: ValidateCfg, docs_dir: P
     if failures and cfg.fail_on_error:
         lines = [f"  - {f['expectation']} on {f['column']}: {f['unexpected_count']} unexpected, e.g. {f['examples']}"
                  for f in failures]
-        raise ValidationFailed(f"{len(failures)} of {len(results)} expectations failed:\n" + "\n".join(lines)
+        raise ValidationFailed(f"{len(failures)} of {summary['evaluated']} expectations failed:\n" + "\n".join(lines)
                                + f"\nData Docs: {docs_dir / 'index.html'}")
     return summary

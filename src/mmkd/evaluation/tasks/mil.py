@@ -7,7 +7,7 @@ import torch
 from sklearn.model_selection import StratifiedKFold
 from torch.nn import functional as F
 
-from mmkd.evaluation.stats import bootstrap_ci
+from mmkd.evaluation.stats import Outcome, plan_ci
 from mmkd.evaluation.tasks import BOOTSTRAP_SEED, one_torch_thread
 
 
@@ -88,25 +88,36 @@ def _fit_predict(train: list[np.ndarray], y: np.ndarray, test: list[np.ndarray],
 
 
 def mil(bags: list[np.ndarray], labels: np.ndarray, n_classes: int, seed: int, folds: int = 5, hidden: int = 128,
-        attn: int = 64, epochs: int = 20, batch: int = 32, lr: float = 1e-3) -> dict:
+        attn: int = 64, epochs: int = 20, batch: int = 32, lr: float = 1e-3, head_seeds: int = 1,
+        outcomes: dict | None = None) -> dict:
     """Stratified K-fold: a fresh model per outer fold, its out-of-fold class probabilities pooled and scored
-    once (AUC, balanced accuracy) with stratified-bootstrap CIs. Bags of any size (padded and masked)."""
+    once (AUC, balanced accuracy). Repeated for `head_seeds` seeds (seed, seed+1, ...: each its own fold split
+    and initialisation); every metric is the mean over seeds, its CI a bootstrap of the bags stratified by class
+    (the seed-mean recomputed per resample). Bags of any size (padded and masked). outcomes: filled with
+    mil_auc's Outcome (every seed's out-of-fold probabilities per bag)."""
     labels = np.asarray(labels, dtype=np.int64)
     bags = [np.asarray(b, np.float32) for b in bags]
     if any(b.ndim != 2 or len(b) == 0 for b in bags):
         raise ValueError("mil: every bag must be an (n_i, D) array with at least one instance")
-    prob = np.zeros((len(bags), n_classes))
-    split = StratifiedKFold(folds, shuffle=True, random_state=seed).split(np.zeros(len(bags)), labels)
+    probs = np.zeros((max(1, head_seeds), len(bags), n_classes))
     with one_torch_thread():
-        for k, (tr, te) in enumerate(split):
-            prob[te] = _fit_predict([bags[i] for i in tr], labels[tr], [bags[i] for i in te], n_classes, seed + k,
-                                    hidden, attn, epochs, batch, lr)
+        for r, s in enumerate(seed + k for k in range(len(probs))):
+            split = StratifiedKFold(folds, shuffle=True, random_state=s).split(np.zeros(len(bags)), labels)
+            for k, (tr, te) in enumerate(split):
+                probs[r, te] = _fit_predict([bags[i] for i in tr], labels[tr], [bags[i] for i in te], n_classes,
+                                            s * 1000 + k, hidden, attn, epochs, batch, lr)
+    auc = Outcome("auc", {"scores": probs, "labels": labels}, strata=labels, design="bags, stratified by class")
+    plan = auc.plan(BOOTSTRAP_SEED)
     out: dict[str, float] = {}
     for name, fn in (("mil_auc", auc_ovr), ("mil_balanced_acc", balanced_acc)):
+        def stat(i, fn=fn):
+            return float(np.mean([fn(labels[i], p[i]) for p in probs]))
         try:
-            out[name] = fn(labels, prob)
+            out[name] = stat(np.arange(len(bags)))
         except ValueError:
             out[name] = float("nan")
-        out[f"{name}_ci_low"], out[f"{name}_ci_high"] = bootstrap_ci(fn, (labels, prob), labels, BOOTSTRAP_SEED)
+        out[f"{name}_ci_low"], out[f"{name}_ci_high"] = plan_ci(stat, plan)
+    if outcomes is not None and np.isfinite(out["mil_auc"]):
+        outcomes["mil_auc"] = auc
     out["mil_n_bags"] = len(bags)
     return out

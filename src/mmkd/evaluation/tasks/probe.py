@@ -10,9 +10,9 @@ from sklearn.linear_model import LogisticRegression
 from sklearn.model_selection import StratifiedKFold
 from threadpoolctl import threadpool_limits
 
-from mmkd.evaluation.stats import bootstrap_accuracy_ci, bootstrap_ci
+from mmkd.evaluation.stats import Outcome, plan_ci, resample_plan
 from mmkd.evaluation.tasks import BOOTSTRAP_SEED
-from mmkd.evaluation.tasks.zeroshot import balanced_accuracy, column_aucs, label_strata, multilabel_auc
+from mmkd.evaluation.tasks.zeroshot import BY_CLASS, balanced_accuracy, column_aucs, label_strata, multilabel_outcome
 
 CV_FOLDS = 3  # C is chosen by this many folds of the train subset when there is no val split
 
@@ -106,32 +106,58 @@ def subsets(train_y: np.ndarray, seed: int, fractions, k_shots) -> list[tuple[st
     return out
 
 
+def _fits(train_x, train_y, val_x, val_y, test_x, n_classes: int, seeds: list[int], fractions, k_shots,
+          c_grid) -> dict[str, list[tuple[np.ndarray, float]]]:
+    """prefix -> [(test scores, chosen C)] per head seed. A seed draws its own subsets (and CV folds without a
+    val split); with a val split the fit on a given subset is deterministic (lbfgs), so a subset every seed
+    shares (100% of train) is fitted once and its result repeated."""
+    fitted: dict[bytes, tuple[np.ndarray, float]] = {}
+    out: dict[str, list[tuple[np.ndarray, float]]] = {}
+    has_val = val_x is not None and len(val_x) > 0
+    for s in seeds:
+        for prefix, idx in subsets(train_y, s, fractions, k_shots):
+            key = idx.tobytes()
+            if not has_val or key not in fitted:
+                with threadpool_limits(1, user_api="blas"):  # matrices this small only lose to threads (10x)
+                    probe, c = _select(train_x[idx], train_y[idx], val_x, val_y, n_classes, s, c_grid)
+                    fitted[key] = (probe.scores(test_x, n_classes), c)
+            out.setdefault(prefix, []).append(fitted[key])
+    return out
+
+
 def linear_probe(train_x, train_y, val_x, val_y, test_x, test_y, n_classes: int, seed: int,
-                 fractions=(0.01, 0.1, 1.0), k_shots=(1, 4, 16), c_grid=(0.01, 0.1, 1, 10, 100)) -> dict:
-    """Probe metrics on test at each train fraction and k-shot: acc1 with CI (multilabel: macro AUC with CI);
-    at 100% also balanced accuracy with CI and the chosen C (probe_c)."""
+                 fractions=(0.01, 0.1, 1.0), k_shots=(1, 4, 16), c_grid=(0.01, 0.1, 1, 10, 100), head_seeds: int = 1,
+                 outcomes: dict | None = None) -> dict:
+    """Probe metrics on test at each train fraction and k-shot, each the mean over `head_seeds` seeds (seed,
+    seed+1, ...): acc1 with CI (multilabel: macro AUC with CI); at 100% also balanced accuracy with CI and the
+    chosen C (probe_c, the median over seeds). CIs: a bootstrap of the test items stratified by class, of the
+    seed-mean. outcomes: filled with the headline's Outcome (the per-item mean over seeds), for paired tests."""
     train_x, test_x = np.asarray(train_x, np.float64), np.asarray(test_x, np.float64)
     train_y, test_y = np.asarray(train_y).astype(int), np.asarray(test_y).astype(int)
     val_x = None if val_x is None else np.asarray(val_x, np.float64)
     val_y = None if val_y is None else np.asarray(val_y).astype(int)
+    seeds = [seed + k for k in range(max(1, head_seeds))]
+    fits = _fits(train_x, train_y, val_x, val_y, test_x, n_classes, seeds, fractions, k_shots, c_grid)
+    plan = None if test_y.ndim == 2 else resample_plan(len(test_y), BOOTSTRAP_SEED, strata=test_y)
     out: dict = {}
-    for prefix, idx in subsets(train_y, seed, fractions, k_shots):
-        with threadpool_limits(1, user_api="blas"):  # matrices this small only lose to threads (10x, measured)
-            probe, c = _select(train_x[idx], train_y[idx], val_x, val_y, n_classes, seed, c_grid)
-            scores = probe.scores(test_x, n_classes)
+    for prefix, runs in fits.items():
+        scores = np.stack([r[0] for r in runs])  # (seeds, n, C)
         if test_y.ndim == 2:
-            auc, ci = multilabel_auc(scores, test_y)
-            out[f"{prefix}_auc_macro"] = auc
-            out[f"{prefix}_auc_macro_ci_low"], out[f"{prefix}_auc_macro_ci_high"] = ci
+            outcome = multilabel_outcome(scores, test_y)
+            outcome.with_ci(f"{prefix}_auc_macro", outcome.plan(BOOTSTRAP_SEED), out)
+            name = f"{prefix}_auc_macro"
         else:
-            pred = scores.argmax(1)
-            out[f"{prefix}_acc1"] = float((pred == test_y).mean())
-            out[f"{prefix}_acc1_ci_low"], out[f"{prefix}_acc1_ci_high"] = bootstrap_accuracy_ci(
-                pred == test_y, test_y, BOOTSTRAP_SEED)
+            preds = scores.argmax(2)
+            outcome = Outcome("mean", {"values": (preds == test_y).mean(0)}, strata=test_y, design=BY_CLASS)
+            outcome.with_ci(f"{prefix}_acc1", plan, out)
+            name = f"{prefix}_acc1"
             if prefix == "probe":
-                out["probe_balanced_acc"] = balanced_accuracy(test_y, pred)
-                out["probe_balanced_acc_ci_low"], out["probe_balanced_acc_ci_high"] = bootstrap_ci(
-                    balanced_accuracy, (test_y, pred), test_y, BOOTSTRAP_SEED)
+                def bal(i, preds=preds):
+                    return float(np.mean([balanced_accuracy(test_y[i], p[i]) for p in preds]))
+                out["probe_balanced_acc"] = bal(np.arange(len(test_y)))
+                out["probe_balanced_acc_ci_low"], out["probe_balanced_acc_ci_high"] = plan_ci(bal, plan)
         if prefix == "probe":
-            out["probe_c"] = c
+            out["probe_c"] = float(np.median([r[1] for r in runs]))
+            if outcomes is not None:
+                outcomes[name] = outcome
     return out

@@ -8,7 +8,7 @@ import numpy as np
 import torch
 from torch.nn import functional as F
 
-from mmkd.evaluation.stats import bootstrap_ci
+from mmkd.evaluation.stats import Outcome
 from mmkd.evaluation.tasks import BOOTSTRAP_SEED, one_torch_thread
 
 PATIENCE = 20  # epochs without a better val score before stopping
@@ -67,11 +67,13 @@ def _train_head(x: torch.Tensor, y: torch.Tensor, xv: torch.Tensor | None, yv: t
 
 
 def vqa(image_emb: np.ndarray, question_emb: np.ndarray, answers: list[str], question_types: list[str],
-        split: np.ndarray, seed: int, hidden: int = 128, epochs: int = 100, lr: float = 5e-3,
-        weight_decay: float = 1e-2) -> dict:
+        split: np.ndarray, seed: int, image_ids=None, hidden: int = 128, epochs: int = 100, lr: float = 5e-3,
+        weight_decay: float = 1e-2, outcomes: dict | None = None) -> dict:
     """Classify each question's answer from [img, q, img*q] over the answers seen in train; a test answer never
     seen in train counts as wrong. Inputs are standardised with train statistics (L2-normalised rows have tiny
-    entries, and img*q tinier)."""
+    entries, and img*q tinier). image_ids: the image of each question; the CI (and every paired test) resamples
+    test images, each with all its questions (None: every question its own image). outcomes: filled with
+    vqa_acc's per-question Outcome."""
     split = np.asarray(split).astype(str)
     answers = [_normalise(a) for a in answers]
     img, q = np.asarray(image_emb, np.float32), np.asarray(question_emb, np.float32)
@@ -93,8 +95,13 @@ def vqa(image_emb: np.ndarray, question_emb: np.ndarray, answers: list[str], que
             pred = head(x[te]).argmax(1).numpy()
     correct = (pred == target[te]).astype(np.float64)
     keys = np.array([type_key(question_types[i]) for i in te])
-    out = {"vqa_acc": float(correct.mean())}
-    out["vqa_acc_ci_low"], out["vqa_acc_ci_high"] = bootstrap_ci(np.mean, (correct,), keys, BOOTSTRAP_SEED)
+    images = np.arange(len(split)) if image_ids is None else np.asarray(image_ids)
+    if len(images) != len(split):
+        raise ValueError(f"vqa: {len(images)} image ids for {len(split)} questions")
+    acc = Outcome("mean", {"values": correct}, clusters=images[te], design="images, each with all its questions")
+    out = acc.with_ci("vqa_acc", acc.plan(BOOTSTRAP_SEED), {})
+    if outcomes is not None:
+        outcomes["vqa_acc"] = acc
     for k in sorted(set(keys)):
         out[f"vqa_acc_{k}"] = float(correct[keys == k].mean())
     out["vqa_n_answers"] = len(vocab)

@@ -6,8 +6,11 @@ import numpy as np
 from scipy.stats import rankdata
 from sklearn.metrics import average_precision_score, f1_score
 
-from mmkd.evaluation.stats import bootstrap_accuracy_ci, bootstrap_ci
+from mmkd.evaluation.stats import Outcome, plan_ci, resample_plan
 from mmkd.evaluation.tasks import BOOTSTRAP_SEED
+
+BY_CLASS = "items, stratified by class"
+BY_LABELS = "items, stratified by rarest label"
 
 
 def class_embeddings(class_prompt_emb: list[np.ndarray]) -> np.ndarray:
@@ -64,17 +67,6 @@ def softmax_log_odds(logits: np.ndarray) -> np.ndarray:
     return logits - np.logaddexp.reduce(others, axis=2)
 
 
-def ovr_auc_macro(y: np.ndarray, ranks: np.ndarray) -> float:
-    """Macro one-vs-rest AUC from the dense ranks of class scores (n,C); binary: the AUC of the positive class's
-    score. Raises ValueError when a class is absent, so a bootstrap leaves such a resample out."""
-    n_classes = ranks.shape[1]
-    if len(np.unique(y)) < n_classes:
-        raise ValueError("a class is absent")
-    if n_classes == 2:
-        return float(rank_aucs(ranks[:, 1:], (y == 1)[:, None])[0])
-    return float(rank_aucs(ranks, np.eye(n_classes, dtype=bool)[y]).mean())
-
-
 def label_strata(labels: np.ndarray) -> np.ndarray:
     """A bootstrap/sampling stratum per multilabel row: its rarest positive class, or C for no finding, so every
     class that is some row's rarest keeps its positives when class sizes are held fixed."""
@@ -84,51 +76,58 @@ def label_strata(labels: np.ndarray) -> np.ndarray:
     return np.where(labels.any(1), rarity.argmin(1), labels.shape[1])
 
 
-def multilabel_auc(scores: np.ndarray, labels: np.ndarray) -> tuple[float, tuple[float, float]]:
-    """Macro AUC over the classes having both values, and its CI from a bootstrap stratified by label_strata;
-    a resample where one of those classes loses its positives or negatives is left out (NaN)."""
-    cols = np.flatnonzero((labels.min(0) == 0) & (labels.max(0) == 1))
-
-    def auc_macro(r, t):
-        return float(rank_aucs(r[:, cols], t[:, cols]).mean())
-
-    ranks = dense_ranks(scores)
-    return auc_macro(ranks, labels), bootstrap_ci(auc_macro, (ranks, labels), label_strata(labels), BOOTSTRAP_SEED)
+def multilabel_outcome(scores: np.ndarray, labels: np.ndarray) -> Outcome:
+    """Macro AUC over the classes having both values, as an Outcome: scores (seeds, n, C) or (n, C), resampled
+    by a bootstrap stratified by label_strata; a resample where one of those classes loses its positives or
+    negatives is left out (NaN)."""
+    scores = np.asarray(scores, dtype=np.float64)
+    scores = scores[None] if scores.ndim == 2 else scores
+    return Outcome("auc_multilabel", {"scores": scores, "labels": np.asarray(labels).astype(int)},
+                   strata=label_strata(labels), design=BY_LABELS)
 
 
-def _with_ci(out: dict, name: str, value: float, ci: tuple[float, float]) -> None:
-    out[name] = float(value)
-    out[f"{name}_ci_low"], out[f"{name}_ci_high"] = ci
-
-
-def zero_shot(image_emb: np.ndarray, class_prompt_emb: list[np.ndarray], labels, multilabel: bool = False) -> dict:
-    """Zero-shot metrics of images against class prompt ensembles; labels (n,) class index, or (n,C) 0/1."""
+def zero_shot(image_emb: np.ndarray, class_prompt_emb: list[np.ndarray], labels, multilabel: bool = False,
+              outcomes: dict | None = None) -> dict:
+    """Zero-shot metrics of images against class prompt ensembles; labels (n,) class index, or (n,C) 0/1.
+    outcomes: filled with the per-item Outcome of each headline metric (acc1, macro AUC), for paired tests."""
     logits = 100.0 * np.asarray(image_emb, dtype=np.float64) @ class_embeddings(class_prompt_emb).T
+    found: dict[str, Outcome] = {}
     if multilabel:
-        return _multilabel(logits, np.asarray(labels).astype(int))
-    y = np.asarray(labels).astype(int)
+        out = _multilabel(logits, np.asarray(labels).astype(int), found)
+    else:
+        out = _single_label(logits, np.asarray(labels).astype(int), found)
+    if outcomes is not None:
+        outcomes.update(found)
+    return out
+
+
+def _single_label(logits: np.ndarray, y: np.ndarray, found: dict) -> dict:
     n_classes = logits.shape[1]
     pred = logits.argmax(1)
+    plan = resample_plan(len(y), BOOTSTRAP_SEED, strata=y)  # class sizes fixed, as the reference's bootstrap
     out: dict = {}
-    _with_ci(out, "zeroshot_acc1", (pred == y).mean(), bootstrap_accuracy_ci(pred == y, y, BOOTSTRAP_SEED))
-    _with_ci(out, "zeroshot_balanced_acc", balanced_accuracy(y, pred),
-             bootstrap_ci(balanced_accuracy, (y, pred), y, BOOTSTRAP_SEED))
+    found["zeroshot_acc1"] = Outcome("mean", {"values": (pred == y).astype(float)}, strata=y, design=BY_CLASS)
+    found["zeroshot_acc1"].with_ci("zeroshot_acc1", plan, out)
+    out["zeroshot_balanced_acc"] = balanced_accuracy(y, pred)
+    out["zeroshot_balanced_acc_ci_low"], out["zeroshot_balanced_acc_ci_high"] = plan_ci(
+        lambda i: balanced_accuracy(y[i], pred[i]), plan)
     if n_classes > 1 and len(np.unique(y)) == n_classes:  # AUC is undefined with a class absent
         ranks = dense_ranks(softmax_log_odds(logits))
-        _with_ci(out, "zeroshot_auc_macro", ovr_auc_macro(y, ranks),
-                 bootstrap_ci(ovr_auc_macro, (y, ranks), y, BOOTSTRAP_SEED))
+        found["zeroshot_auc_macro"] = Outcome("auc", {"scores": ranks[None], "labels": y}, strata=y, design=BY_CLASS)
+        found["zeroshot_auc_macro"].with_ci("zeroshot_auc_macro", plan, out)
     out["zeroshot_f1_macro"] = float(f1_score(y, pred, average="macro", zero_division=0))
     return out
 
 
-def _multilabel(logits: np.ndarray, labels: np.ndarray) -> dict:
+def _multilabel(logits: np.ndarray, labels: np.ndarray, found: dict) -> dict:
     """AUC and AP per class from the raw logits; F1 from the decision "the class's logit beats the mean logit of
     the other classes" (scale-free, needs no threshold fitted on labels; every image gets at least its top
     class, so an all-negative image always costs a false positive)."""
     has_pos = labels.max(0) == 1
     out: dict = {}
     if ((labels.min(0) == 0) & has_pos).any():
-        _with_ci(out, "zeroshot_auc_macro", *multilabel_auc(logits, labels))
+        auc = found["zeroshot_auc_macro"] = multilabel_outcome(logits, labels)
+        auc.with_ci("zeroshot_auc_macro", auc.plan(BOOTSTRAP_SEED), out)
     if has_pos.any():
         c = logits.shape[1]
         others = (logits.sum(1, keepdims=True) - logits) / max(c - 1, 1)
