@@ -109,3 +109,14 @@ def test_an_identical_model_ties_and_the_mean_gain_resamples_every_set_at_once()
     assert g["diff"] == pytest.approx(np.mean([sets[s]["a"].value() - sets[s]["b"].value() for s in sets]))
     assert (g["low"], g["high"]) == pytest.approx(tuple(np.percentile(per_r, [2.5, 97.5])))
     assert g["n_sets"] == 2
+
+
+def test_midranks_equal_scipys_average_ranks_with_ties():
+    from scipy.stats import rankdata
+
+    from mmkd.evaluation.stats import midranks
+
+    rng = np.random.default_rng(0)
+    for n in (1, 2, 7, 100):
+        for x in (rng.normal(size=n), rng.integers(0, 4, n).astype(float), np.round(rng.random(n), 1)):
+            np.testing.assert_array_equal(midranks(x), rankdata(x))

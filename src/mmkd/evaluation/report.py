@@ -118,6 +118,16 @@ def load_results(results_dir: Path, plan: dict) -> tuple[dict, dict]:
     return units["results"], units["failed"]
 
 
+def planned_units(plan: dict) -> list[tuple[str, str]]:
+    """The (model, dataset) units of a plan, dataset by dataset. The stage-1 student is the baseline of the
+    distillation gain, measured on zero-shot and probe: it is evaluated on the datasets with those tasks only (its
+    VQA, survival and MIL units cost ~8 s of the default run and enter no comparison the report makes)."""
+    from mmkd.evaluation.paired import GAIN_TASKS
+
+    return [(m["name"], d["name"]) for d in plan["datasets"] for m in plan["models"]
+            if m["name"] != "student_stage1" or set(d["tasks"]) & set(GAIN_TASKS)]
+
+
 def load_units(results_dir: Path, plan: dict) -> dict:
     """Every unit's files: results (model -> dataset -> metrics), failed ('model/dataset' -> reason), outcomes
     (model -> dataset -> metric -> Outcome) and fingerprints (dataset -> content fingerprint). A dataset whose
@@ -129,26 +139,27 @@ def load_units(results_dir: Path, plan: dict) -> dict:
     failed: dict[str, str] = {}
     fingerprints: dict[str, str] = {}
     domains = {m["name"]: m.get("domain") for m in plan["models"]}
-    for m in plan["models"]:
-        for d in plan["datasets"]:
-            path = Path(results_dir) / m["name"] / f"{d['name']}.json"
-            if not path.exists():
-                failed[f"{m['name']}/{d['name']}"] = "no result (the unit did not finish)"
-                continue
-            res = json.loads(path.read_text())
-            if res.get("error"):
-                failed[f"{m['name']}/{d['name']}"] = res["error"]
-                continue
-            dom = domains[m["name"]]
-            in_domain = dom is None or bool(set(dom) & set(d["modalities"]))
-            results.setdefault(m["name"], {})[d["name"]] = {**res["metrics"], "in_domain": float(in_domain)}
-            items = outcomes_path(results_dir, m["name"], d["name"])
-            if items.exists():
-                outcomes.setdefault(m["name"], {})[d["name"]] = read_outcomes(items)
-            fp = res.get("dataset_fingerprint")
-            if fp is not None and fingerprints.setdefault(d["name"], fp) != fp:
-                raise ValueError(f"{d['name']}: its units saw different contents ({fingerprints[d['name']]} vs {fp} "
-                                 f"for {m['name']}): the dataset changed during the evaluation; evaluate again")
+    models = {m["name"]: m for m in plan["models"]}
+    datasets = {d["name"]: d for d in plan["datasets"]}
+    for m, d in ((models[a], datasets[b]) for a, b in planned_units(plan)):
+        path = Path(results_dir) / m["name"] / f"{d['name']}.json"
+        if not path.exists():
+            failed[f"{m['name']}/{d['name']}"] = "no result (the unit did not finish)"
+            continue
+        res = json.loads(path.read_text())
+        if res.get("error"):
+            failed[f"{m['name']}/{d['name']}"] = res["error"]
+            continue
+        dom = domains[m["name"]]
+        in_domain = dom is None or bool(set(dom) & set(d["modalities"]))
+        results.setdefault(m["name"], {})[d["name"]] = {**res["metrics"], "in_domain": float(in_domain)}
+        items = outcomes_path(results_dir, m["name"], d["name"])
+        if items.exists():
+            outcomes.setdefault(m["name"], {})[d["name"]] = read_outcomes(items)
+        fp = res.get("dataset_fingerprint")
+        if fp is not None and fingerprints.setdefault(d["name"], fp) != fp:
+            raise ValueError(f"{d['name']}: its units saw different contents ({fingerprints[d['name']]} vs {fp} "
+                             f"for {m['name']}): the dataset changed during the evaluation; evaluate again")
     return {"results": results, "failed": failed, "outcomes": outcomes, "fingerprints": fingerprints}
 
 

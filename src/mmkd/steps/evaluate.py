@@ -201,7 +201,7 @@ def data_checks(ctx: Context, plan: dict) -> dict:
 
 
 def step_evaluate(ctx: Context, run: StepRun) -> dict:
-    from mmkd.evaluation.report import write_reports
+    from mmkd.evaluation.report import planned_units, write_reports
 
     p, ws = ctx.params, ctx.ws
     run.log_params({"evaluate": p.evaluate.model_dump()})
@@ -210,7 +210,7 @@ def step_evaluate(ctx: Context, run: StepRun) -> dict:
     if not plan["datasets"]:
         raise FileNotFoundError("evaluate: none of evaluate.datasets is present: "
                                 + "; ".join(f"{k} ({v})" for k, v in plan["missing"].items()))
-    units = [(m["name"], d["name"]) for d in plan["datasets"] for m in plan["models"]]  # dataset by dataset
+    units = planned_units(plan)
     global _SESSION
     _SESSION = {}
     try:
