@@ -263,7 +263,18 @@ def team_stack(root: Path, auth: bool = False, host: str = HOST, port: int | Non
         proc, uri = start_mlflow(backend, f"s3://{bucket}/mlflow", log, host, port, env, workers, ini)
         procs.append(proc)
         ready_bucket(s3, weed, root / "s3" / "weed.log")  # while MLflow starts
-        wait_http(uri + "/health", proc, log)
+        for attempt in range(3):
+            try:
+                wait_http(uri + "/health", proc, log)
+                break
+            except RuntimeError:
+                # a port picked free can be taken before MLflow binds it (SeaweedFS binds its gRPC ports, at its
+                # HTTP ports + 10000, as it starts): pick another, unless the port was the caller's
+                if port or attempt == 2 or "address already in use" not in log.read_text():
+                    raise
+                log.rename(log.with_suffix(f".port-taken-{attempt}.log"))
+                proc, uri = start_mlflow(backend, f"s3://{bucket}/mlflow", log, host, port, env, workers, ini)
+                procs.append(proc)
         client_env = {"MLFLOW_TRACKING_URI": uri}
         if user:
             client_env |= {"MLFLOW_TRACKING_USERNAME": user["username"], "MLFLOW_TRACKING_PASSWORD": user["password"]}
