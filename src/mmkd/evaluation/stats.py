@@ -138,25 +138,31 @@ def _ovr_auc(scores: np.ndarray, labels: np.ndarray) -> float:
     cols = [1] if scores.shape[1] == 2 else range(scores.shape[1])
     aucs = []
     for c in cols:
-        pos = labels == c
-        n1 = int(pos.sum())
-        n0 = len(labels) - n1
-        if n1 == 0 or n0 == 0:
+        auc = _binary_auc(scores[:, c], labels == c)
+        if auc is None:
             raise ValueError("AUC undefined: a class is absent")
-        aucs.append((midranks(scores[:, c])[pos].sum() - n1 * (n1 + 1) / 2) / (n1 * n0))
+        aucs.append(auc)
     return float(np.mean(aucs))
+
+
+def _binary_auc(score: np.ndarray, pos: np.ndarray) -> float | None:
+    """Mann-Whitney AUC of `score` for the items `pos` against the rest (mid-ranks for ties); None when either
+    side is empty."""
+    n1 = int(pos.sum())
+    n0 = len(pos) - n1
+    if n1 == 0 or n0 == 0:
+        return None
+    return float((midranks(score)[pos].sum() - n1 * (n1 + 1) / 2) / (n1 * n0))
 
 
 def _multilabel_auc(scores: np.ndarray, truth: np.ndarray, cols: np.ndarray) -> float:
     """Macro AUC over `cols`; NaN when one of them has a single value in this sample."""
     aucs = []
     for c in cols:
-        pos = truth[:, c].astype(bool)
-        n1 = int(pos.sum())
-        n0 = len(pos) - n1
-        if n1 == 0 or n0 == 0:
+        auc = _binary_auc(scores[:, c], truth[:, c].astype(bool))
+        if auc is None:
             return float("nan")
-        aucs.append((midranks(scores[:, c])[pos].sum() - n1 * (n1 + 1) / 2) / (n1 * n0))
+        aucs.append(auc)
     return float(np.mean(aucs))
 
 
