@@ -39,8 +39,9 @@ def evaluate_flow(root: str, params_path: str, profile: str, parent_run_id: str 
 
 
 def evaluate(root: str, params_path: str, profile: str, parent_run_id: str | None, force: bool = False) -> dict:
-    """Called like every step task. One unit at a time: each already uses every core through torch."""
-    return evaluate_flow.with_options(task_runner=ThreadPoolTaskRunner(max_workers=1))(
+    """Called like every step task: evaluate.workers units at once (threads sharing the step's torch threads)."""
+    workers = Context.load(root, params_path, profile).params.evaluate.workers
+    return evaluate_flow.with_options(task_runner=ThreadPoolTaskRunner(max_workers=workers))(
         root, params_path, profile, parent_run_id, force)
 
 

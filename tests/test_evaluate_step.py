@@ -74,3 +74,37 @@ def test_cli_evaluate_runs_named_datasets_and_reports_missing_ones(smoke_run, tm
     assert not (root / "reports" / "metrics.json").exists()  # --reports left the pipeline's metrics alone
     res = CliRunner().invoke(app, ["evaluate", "--root", str(root), "--datasets", "no-such-set"])
     assert res.exit_code == 2 and "unknown dataset 'no-such-set'" in res.output
+
+
+def test_units_running_at_once_share_one_load_of_each_model_and_dataset(monkeypatch):
+    """evaluate.workers units run in threads: a model or dataset two of them ask for at once is loaded once, and
+    only the last `keep` datasets stay referenced."""
+    import threading
+    import time
+
+    from mmkd.steps import evaluate as step
+
+    loads: list[str] = []
+
+    def slow(kind):
+        def load(ctx, name):
+            loads.append(f"{kind}:{name}")
+            time.sleep(0.2)  # long enough for the other thread to ask meanwhile
+            return name
+        return load
+
+    monkeypatch.setattr(step, "load_model", slow("model"))
+    monkeypatch.setattr(step, "_decode_dataset", slow("dataset"))
+    session = step.Session(keep=2)
+    got = []
+    threads = [threading.Thread(target=lambda: got.append((session.model(None, "m"), session.dataset(None, "d1"))))
+               for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert got == [("m", "d1")] * 2 and sorted(loads) == ["dataset:d1", "model:m"]
+    session.dataset(None, "d2")
+    session.dataset(None, "d3")  # d1 is the oldest of three: dropped
+    session.dataset(None, "d1")
+    assert loads.count("dataset:d1") == 2 and loads.count("dataset:d3") == 1

@@ -101,7 +101,7 @@ class SourceCfg(Strict):
     """One raw-data source of `curate.sources`; `kind` picks its reader (src/mmkd/data/sources/)."""
 
     name: str = Field(..., pattern=r"^[A-Za-z0-9_.-]+$")
-    kind: Literal["synthetic", "manifest", "webdataset", "folder", "dicom", "nifti"]
+    kind: Literal["synthetic", "manifest", "webdataset", "folder", "dicom", "nifti", "volume", "wsi"]
     path: str = Field(".", description="file, folder or glob; relative paths are under paths.data")
     licence: str | None = None
     modality: str | None = Field(None, description="the modality of every record (else per record / classifier)")
@@ -119,6 +119,22 @@ class SourceCfg(Strict):
     slices: Literal["middle"] | int | list[int] = Field("middle", description="nifti: middle, N evenly spaced, or indices")
     window_percentiles: tuple[float, float] = (0.5, 99.5)
     optional: bool = Field(False, description="a missing path gives no records instead of an error (the inbox)")
+    # wsi: tiles of whole-slide images (docs/formats/wsi.md)
+    wsi_mpp: float = Field(0.5, gt=0, description="wsi: microns per pixel of the tiles (0.5 ~ 20x)")
+    wsi_tile_px: int = Field(224, ge=16, le=4096, description="wsi: tile side in output pixels")
+    wsi_tissue_fraction: float = Field(0.5, ge=0, le=1, description="wsi: least tissue share of a kept tile")
+    wsi_max_tiles: int = Field(64, ge=1, description="wsi: tiles kept per slide, a seeded evenly spread choice")
+    wsi_assume_mpp: float | None = Field(None, gt=0, description="wsi: level-0 mpp of slides declaring none "
+                                         "(None: such slides are quarantined)")
+    wsi_seed: int = Field(0, description="wsi: seed of the per-slide tile choice")
+    # volume: slices of NRRD / MetaImage / NIfTI volumes and DICOM series, read with SimpleITK
+    # (docs/formats/volume.md; axis, slices, pattern, caption_template and window_percentiles as for nifti)
+    volume_window: Literal["dicom", "percentile"] = Field("dicom", description="volume: a DICOM series' own "
+                                                          "WindowCenter/Width when it has one, else percentiles")
+    volume_group_by: Literal["patient", "study"] = Field("patient", description="volume: a DICOM series' split "
+                                                         "group (PatientID or StudyInstanceUID, stored as a token)")
+    volume_max_bytes: int = Field(1 << 30, ge=1, description="volume: voxel bytes of a volume read whole (a "
+                                  "format that cannot stream: NRRD), refused from the header above this")
 
     @field_validator("columns")
     @classmethod
@@ -139,6 +155,10 @@ class SourceCfg(Strict):
                 t.format_map(collections.defaultdict(str))
             elif t and self.kind == "nifti":
                 t.format(name="", axis="axial", slice=0, modality="")
+            elif t and self.kind == "volume":  # nifti's four plus a DICOM series' keywords
+                t.format_map(collections.defaultdict(str, name="", axis="axial", slice=0, modality=""))
+            elif t and self.kind == "wsi":
+                t.format(name="", mpp=0.5, x=0, y=0, modality="")
         except (KeyError, ValueError, IndexError, AttributeError) as exc:
             raise ValueError(f"bad {self.kind} caption_template {t!r}: {type(exc).__name__}: {exc}") from None
         return self
@@ -160,6 +180,9 @@ class CurateCfg(Strict):
     max_line_bytes: int = Field(2**20, ge=1, description="one manifest line (jsonl / csv)")
     max_inflated_bytes: int = Field(256 * 2**20, ge=1, description="a deflated DICOM dataset, inflated")
     max_header_bytes: int = Field(16 * 2**20, ge=1, description="a NIfTI header with its extensions")
+    # dicom
+    dicom_burned_in: Literal["refuse", "keep"] = Field("refuse", description="a DICOM whose BurnedInAnnotation is "
+                                                       "YES: quarantined (burned-in text identifies) or kept")
     # the decoded fast path: square uint8 views per shard at each model input size, memory-mapped by training and
     # evaluation; a consumer whose size is not listed decodes the shards instead
     decoded_sizes: list[int] = Field(default_factory=lambda: [224])
@@ -449,6 +472,9 @@ class EvaluateCfg(Strict):
     head_seeds: int = Field(3, ge=1)  # probe and MIL heads trained with this many seeds; scores are their mean
     batch_size: int = 256
     cache_embeddings: bool = True  # one encoding per (model, dataset); keyed by weights and image fingerprints
+    # units (model, dataset) evaluated at once, in threads of the step's process, each with threads // workers
+    # torch threads; results do not depend on it (each unit is seeded on its own)
+    workers: int = Field(2, ge=1)
 
     @field_validator("models")
     @classmethod

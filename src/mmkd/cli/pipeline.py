@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import threading
 from pathlib import Path
 from typing import Optional
 
@@ -17,6 +18,29 @@ from mmkd.cli.common import (
     exit_when_busy,
     app,
 )
+
+
+def start_prefect_server_early() -> threading.Thread | None:
+    """Without a Prefect server to talk to (no PREFECT_API_URL), Prefect starts a temporary one (a subprocess, 3-5 s
+    until healthy) at the flow's first API call, after the imports; started here in a thread, the two overlap. The
+    caller joins the thread before the flow runs, so the flow never sees a server still starting."""
+    import flows  # noqa: F401 - its offline defaults (startup timeout, telemetry off) must reach the server
+    from prefect.settings import PREFECT_API_URL, PREFECT_SERVER_EPHEMERAL_ENABLED
+
+    if PREFECT_API_URL.value() or not PREFECT_SERVER_EPHEMERAL_ENABLED.value():
+        return None
+
+    def start() -> None:
+        from prefect.server.api.server import SubprocessASGIServer
+
+        try:
+            SubprocessASGIServer().start()  # the instance Prefect's client uses (one per port; None: any free port)
+        except Exception:  # noqa: BLE001 - the flow's own start will try again and say what is wrong
+            pass
+
+    thread = threading.Thread(target=start, name="prefect-server-start", daemon=True)
+    thread.start()
+    return thread
 
 
 @app.command("stage")
@@ -92,10 +116,14 @@ def run(profile: Optional[str] = ProfileOpt, root: Path = RootOpt, params: Optio
     """Run the whole `retrain` Prefect flow: curate -> ... -> register (steps unchanged since their last success
     are skipped)."""
     _setup_logging()
-    ctx = _context(root, params, profile)  # fail fast on bad params, before Prefect starts
+    server = start_prefect_server_early()
+    ctx = _context(root, params, profile)  # fail fast on bad params
     from flows.retrain import (
         retrain,  # flows/ and tasks/ are installed beside mmkd (pyproject.toml)
     )
+
+    if server is not None:
+        server.join()
 
     with exit_when_busy("mmkd run"):
         result = retrain(profile=ctx.params.profile, root=str(ctx.ws.root), params_path=str(ctx.params_path),

@@ -48,8 +48,15 @@ def cache_key(model_version: str, ds: EvalDataset, texts: list[str], image_size:
     return h.hexdigest()[:24]
 
 
-def encode_dataset(encoder, ds: EvalDataset, texts: list[str], batch: int, images=None) -> Embeddings:
-    """images: the dataset's decoded images when the caller already holds them (one decode for many models)."""
+def encode_dataset(encoder, ds: EvalDataset, texts: list[str], batch: int, images=None, model_version: str = "",
+                   tile_cache: Path | None = None) -> Embeddings:
+    """images: the dataset's decoded images when the caller already holds them (one decode for many models).
+    Tiles of whole slides (evaluation.slide_bags) encode themselves, cached per slide and tile in `tile_cache`."""
+    tiles = getattr(ds.images, "encode_cached", None)
+    if tiles is not None and images is None:
+        image = tiles(encoder, model_version, batch, tile_cache)
+        text = encoder.encode_texts(texts, batch) if texts else np.zeros((0, image.shape[1]), np.float32)
+        return Embeddings(image.astype(np.float32), texts, text.astype(np.float32))
     n = len(ds.images)
     parts = []
     # one bar per unit is noise in a log file: shown on a terminal only (disable=None)
@@ -76,7 +83,8 @@ def dataset_embeddings(encoder, model_version: str, ds: EvalDataset, prompts: di
             if str(z["key"]) == key:
                 return Embeddings(z["image"], [str(t) for t in z["texts"]], z["text"]), True
         log.info("embedding cache %s is stale (weights, images or texts changed): re-encoding", path)
-    emb = encode_dataset(encoder, ds, texts, batch, images)
+    emb = encode_dataset(encoder, ds, texts, batch, images, model_version,
+                         Path(cache_dir) / encoder.name / "tiles" if cache_dir else None)
     if path is not None:
         path.parent.mkdir(parents=True, exist_ok=True)
         with atomic.replacing(path) as fh:

@@ -91,7 +91,8 @@ def expand(args: Iterable[str | Path]) -> tuple[list[Path], list[Skipped]]:
 def _curate_cfg(cfg: CurateCfg | None, limits: ServingCfg) -> CurateCfg:
     """Curation's readers under serving's limits too: their own checks then agree with the header checks."""
     cfg = cfg or CurateCfg()
-    update = {"max_pixels": min(cfg.max_pixels, limits.max_pixels)}
+    # burned-in text is refused from training data (it would be stored); a prediction stores nothing of the image
+    update = {"max_pixels": min(cfg.max_pixels, limits.max_pixels), "dicom_burned_in": "keep"}
     for knob in ("max_file_bytes", "max_inflated_bytes"):  # curation's byte limits, where it has them
         if knob in CurateCfg.model_fields:
             update[knob] = min(getattr(cfg, knob), limits.max_image_bytes)

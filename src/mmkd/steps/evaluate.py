@@ -6,16 +6,20 @@ import hashlib
 import json
 import logging
 import shutil
+import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+
+import torch
 
 from mmkd.steps.common import Context, StepRun, _device
 from mmkd import atomic
 
 log = logging.getLogger("mmkd")
-# models and the current dataset, shared by the units of one evaluate step (they run in its process, one after
-# another, dataset by dataset); None outside a step, so nothing outlives the weights it was loaded from
-_SESSION: dict | None = None
+# models and the datasets in use, shared by the units of one evaluate step (they run in its process, evaluate.workers
+# at once, dataset by dataset); None outside a step, so nothing outlives the weights it was loaded from
+_SESSION: "Session | None" = None
 
 
 def select_entries(ctx: Context) -> tuple[list, dict[str, str]]:
@@ -132,34 +136,59 @@ def _cache_dir(ctx: Context) -> Path | None:
     return ctx.ws.evaluation / "embeddings" if ctx.params.evaluate.cache_embeddings else None
 
 
-def _session_model(session: dict, ctx: Context, name: str):
-    models = session.setdefault("models", {})
-    if name not in models:
-        models[name] = load_model(ctx, name)
-    return models[name]
+class Session:
+    """What the units of one evaluate step share, safe for the worker threads that run them: every model, loaded
+    once, and the datasets being evaluated, each decoded and fingerprinted once for all models. At most `keep`
+    datasets stay referenced (units run dataset by dataset, `workers` at once: the last `workers` datasets); a
+    thread still using an evicted one keeps its own reference."""
+
+    def __init__(self, keep: int = 1):
+        self.keep = max(1, keep)
+        self._lock = threading.Lock()
+        self._models: dict[str, dict] = {}
+        self._datasets: dict[str, dict] = {}  # insertion order = age
+
+    def _slot(self, table: dict, name: str, evict: bool) -> dict:
+        with self._lock:
+            slot = table.get(name)
+            if slot is None:
+                slot = table[name] = {"lock": threading.Lock()}
+                while evict and len(table) > self.keep:
+                    table.pop(next(iter(table)))
+            return slot
+
+    def _get(self, table: dict, name: str, load, evict: bool):
+        slot = self._slot(table, name, evict)
+        with slot["lock"]:  # one thread loads it; another asking for the same one waits for that load
+            if "value" not in slot:
+                slot["value"] = load()
+            return slot["value"]
+
+    def model(self, ctx: Context, name: str):
+        return self._get(self._models, name, lambda: load_model(ctx, name), evict=False)
+
+    def dataset(self, ctx: Context, name: str):
+        """(entry, dataset, decoded images, content fingerprint)."""
+        return self._get(self._datasets, name, lambda: _decode_dataset(ctx, name), evict=True)
 
 
-def _session_dataset(session: dict, ctx: Context, name: str):
-    """(entry, dataset, decoded images, content fingerprint) of the dataset the units are on; decoded and
-    fingerprinted once for all models."""
+def _decode_dataset(ctx: Context, name: str):
     from mmkd.evaluation.run import dataset_fingerprint
 
-    if session.get("dataset", (None,))[0] != name:
-        session.pop("dataset", None)  # one dataset in memory at a time
-        entry = _entry(ctx, name)
-        ds = _load(ctx, entry)
-        session["dataset"] = (name, entry, ds, [ds.images.load(i) for i in range(len(ds.images))],
-                              dataset_fingerprint(ds, entry))
-    return session["dataset"][1:]
+    entry = _entry(ctx, name)
+    ds = _load(ctx, entry)
+    # slide tiles (lazy) are read per tile as encoded: a slide set's tiles never all sit in memory
+    decoded = None if getattr(ds.images, "lazy", False) else [ds.images.load(i) for i in range(len(ds.images))]
+    return entry, ds, decoded, dataset_fingerprint(ds, entry)
 
 
 def run_unit(ctx: Context, model: str, dataset: str) -> dict:
     """One (model, dataset) unit (a Prefect mapped task, or a step of the in-process loop): evaluate, write."""
     from mmkd.evaluation.run import evaluate_pair, write_result
 
-    session = _SESSION if _SESSION is not None else {}
-    entry, ds, images, fingerprint = _session_dataset(session, ctx, dataset)
-    encoder, version = _session_model(session, ctx, model)
+    session = _SESSION if _SESSION is not None else Session()
+    entry, ds, images, fingerprint = session.dataset(ctx, dataset)
+    encoder, version = session.model(ctx, model)
     res = evaluate_pair(encoder, version, entry, ds, ctx.params.evaluate, ctx.params.seed, _cache_dir(ctx), images)
     write_result(ctx.ws.evaluation / "results", model, dataset, {**res, "dataset_fingerprint": fingerprint})
     return {"model": model, "dataset": dataset, "seconds": res["seconds"]}
@@ -173,12 +202,22 @@ def record_failure(ctx: Context, model: str, dataset: str, error: str) -> None:
 
 
 def _run_in_process(ctx: Context, units: list[tuple[str, str]]) -> None:
-    """Unit after unit; a failing one is recorded and the others go on."""
-    for model, dataset in units:
+    """The units in order, evaluate.workers at once; a failing one is recorded and the others go on."""
+    def one(unit: tuple[str, str]) -> None:
         try:
-            run_unit(ctx, model, dataset)
+            run_unit(ctx, *unit)
         except Exception as e:
-            record_failure(ctx, model, dataset, f"{type(e).__name__}: {e}")
+            record_failure(ctx, *unit, f"{type(e).__name__}: {e}")
+
+    with ThreadPoolExecutor(ctx.params.evaluate.workers, thread_name_prefix="evaluate") as pool:
+        list(pool.map(one, units))
+
+
+def unit_threads(ctx: Context) -> int:
+    """torch threads per unit: the step's `threads` shared by the units running at once. Small models on small
+    batches use two cores better as two units of one thread than as one unit of two, and the heads' fits and the
+    bootstrap (numpy, scikit-learn) use one core whatever torch is given."""
+    return max(1, ctx.params.threads // ctx.params.evaluate.workers)
 
 
 def data_checks(ctx: Context, plan: dict) -> dict:
@@ -212,7 +251,9 @@ def step_evaluate(ctx: Context, run: StepRun) -> dict:
                                 + "; ".join(f"{k} ({v})" for k, v in plan["missing"].items()))
     units = planned_units(plan)
     global _SESSION
-    _SESSION = {}
+    _SESSION = Session(keep=p.evaluate.workers)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(unit_threads(ctx))  # worker threads take the process's setting when they start
     try:
         if ctx.map_eval_units is not None:  # the Prefect flow: one mapped task per unit, failures recorded by it
             ctx.map_eval_units(units)
@@ -220,6 +261,7 @@ def step_evaluate(ctx: Context, run: StepRun) -> dict:
             _run_in_process(ctx, units)
     finally:
         _SESSION = None
+        torch.set_num_threads(threads)
     out = write_reports(plan, ws.evaluation / "results", ws.metrics, ws.leaderboard, ws.plots,
                         ws.evaluation_report, ws.evaluation / "rejected", data_checks=data_checks(ctx, plan))
     seconds = time.perf_counter() - t0

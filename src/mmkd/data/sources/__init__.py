@@ -20,6 +20,8 @@ READERS = {
     "folder": "mmkd.data.sources.folder",
     "dicom": "mmkd.data.sources.dicom",
     "nifti": "mmkd.data.sources.nifti",
+    "volume": "mmkd.data.sources.volume",
+    "wsi": "mmkd.data.sources.wsi",
 }
 
 

@@ -1,12 +1,14 @@
 """Owns the DICOM source: one record per chosen frame of each file, decoded and windowed to 8-bit RGB.
 
 Every file is read inside the source root, a deflated dataset only after its inflated size was counted
-under max_inflated_bytes, and one unreadable file becomes one quarantined record.
+under max_inflated_bytes, and one unreadable file becomes one quarantined record; which objects are images to
+train on (SOP class, burned-in text, preamble-less data sets) is decided by dicom_objects, from the header.
 """
 
 from __future__ import annotations
 
 import re
+import struct
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -20,9 +22,11 @@ from pydicom.pixels import apply_modality_lut, apply_voi_lut, pixel_array
 from pydicom.sequence import Sequence
 from pydicom.uid import DeflatedExplicitVRLittleEndian
 
+from mmkd.config import CurateCfg
 from mmkd.data import imaging
 from mmkd.data.imaging import RecordError, check_size
 from mmkd.data.sources import RawRecord, inside, source_root
+from mmkd.data.sources.dicom_objects import implied_transfer_syntax, needs_force, refusal
 from mmkd.data.sources.files import per_file_records, contained, inflated_size, limit, sidecar_text
 
 MODALITIES = {"CT": "ct", "MR": "mri", "US": "ultrasound", "SM": "pathology", "OP": "fundus", "OPT": "oct",
@@ -42,21 +46,41 @@ def iter_records(spec, data_root: Path, limits=None) -> Iterator[RawRecord]:
 
 def read_header(path: Path, name: str, limits):
     """The dataset without pixel data, read under the limits: a deflated dataset is first inflated in bounded
-    pieces and refused past max_inflated_bytes (pydicom inflates it whole); large values stay on disk."""
+    pieces and refused past max_inflated_bytes (pydicom inflates it whole); large values stay on disk. A data set
+    without the Part 10 preamble is read as pydicom's force=True would, a file that is no data set is refused."""
+    return _read(path, name, limits)[0]
+
+
+def _read(path: Path, name: str, limits):
+    """(dataset without pixels, whether a Pixel Data element follows: None when not known, as when deflated)."""
     cap = limit(limits, "max_inflated_bytes")
     with open(path, "rb") as fh:
+        force = needs_force(fh.read(132), name)
+        fh.seek(0)
         try:
-            read_preamble(fh, False)
+            read_preamble(fh, force)
             meta = _read_file_meta_info(fh)
         except Exception:
             meta = None  # dcmread below names what is wrong
         deflated = meta is not None and meta.get("TransferSyntaxUID") == DeflatedExplicitVRLittleEndian
         if deflated and inflated_size(fh, cap) > cap:
             raise RecordError(f"deflated DICOM too large: {name} inflates past max_inflated_bytes {cap}")
-    # defer_size leaves huge values on disk; not for a deflated dataset, whose offsets are in the inflated buffer
-    # (pydicom would re-read them from the compressed file): it is in memory anyway, under the cap
-    defer = None if deflated else limit(limits, "max_sidecar_bytes")
-    return pydicom.dcmread(path, stop_before_pixels=True, defer_size=defer)
+        fh.seek(0)
+        # defer_size leaves huge values on disk; not for a deflated dataset, whose offsets are in the inflated
+        # buffer (pydicom would re-read them from the compressed file): it is in memory anyway, under the cap
+        ds = pydicom.dcmread(fh, stop_before_pixels=True, force=force,
+                             defer_size=None if deflated else limit(limits, "max_sidecar_bytes"))
+        # pydicom stops reading at a pixel element, rewound to its tag: the next 4 bytes say whether there is one
+        tag = fh.read(4)
+    if deflated or len(tag) < 4:
+        return ds, None if deflated else False
+    group, element = struct.unpack(("<" if ds.original_encoding[1] is not False else ">") + "HH", tag)
+    return ds, group == 0x7FE0 and element in (0x0008, 0x0009, 0x0010)
+
+
+def _burned_in(limits) -> str:
+    value = getattr(limits, "dicom_burned_in", None)
+    return value or CurateCfg.model_fields["dicom_burned_in"].default
 
 
 def _frame_count(ds, rel: str) -> int:
@@ -75,7 +99,9 @@ def _file_records(spec, path: Path, base: Path, rel: str, limits) -> list[RawRec
     try:
         if inside(base, rel) is None:  # a symlink pointing outside the root
             raise RecordError(f"path escapes the source root: {rel}")
-        ds = read_header(path, rel, limits)
+        ds, pixels = _read(path, rel, limits)
+        if problem := refusal(ds, rel, _burned_in(limits), pixels):
+            raise RecordError(problem)
         if "Rows" not in ds or "Columns" not in ds:
             raise RecordError(f"no image in DICOM file {rel}: no Rows/Columns (Modality {_tag(ds, 'Modality') or '?'}; "
                               "a non-image object or a truncated header)")
@@ -200,13 +226,17 @@ def _decode(path: Path, frame: int, ds) -> np.ndarray:
         if ts == DeflatedExplicitVRLittleEndian:  # pixel_array(path) cannot parse a deflated stream: the dataset,
             # already checked under max_inflated_bytes by read_header, is inflated whole
             return pixel_array(pydicom.dcmread(path), index=frame)
+        if ts is None:  # no file meta (an old export): the encoding pydicom found while reading the header
+            ts = implied_transfer_syntax(ds)
+            return pixel_array(path, index=frame, transfer_syntax_uid=ts)
         return pixel_array(path, index=frame)
     except RuntimeError as exc:
         msg, options = str(exc), _plugin_options(str(exc))
         name = f"{ts.name} ({ts})" if ts else "unknown"
         if options:
-            raise RecordError(f"no decoder for transfer syntax {name}: install one of {', '.join(options)}") from None
-        raise RecordError(f"cannot decode transfer syntax {name}: {' '.join(msg.split())}") from None
+            raise RecordError(f"no decoder for transfer syntax {name} of {path.name}: install one of "
+                              f"{', '.join(options)} (the dicom-codecs extra)") from None
+        raise RecordError(f"cannot decode transfer syntax {name} of {path.name}: {' '.join(msg.split())}") from None
     except Exception as exc:  # truncated pixel data, missing Pixel Data, bad frame
         raise RecordError(f"cannot decode pixel data of {path.name} frame {frame} (truncated or corrupt?): "
                           f"{type(exc).__name__}: {exc}") from None

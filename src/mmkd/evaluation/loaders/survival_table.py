@@ -1,4 +1,5 @@
-"""Owns the survival_table format: follow-up time and event per patient, and each patient's images (a bag)."""
+"""Owns the survival_table format: follow-up time and event per patient, and each patient's images (a bag): patches,
+or the tiles of the patient's whole slides (evaluation.slide_bags; TCGA: every slide of the case, one bag)."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from mmkd.evaluation import slide_bags
 from mmkd.evaluation.dataset import DatasetFormatError, EvalDataset, FileImages
 from mmkd.evaluation.loaders import common
 
@@ -18,7 +20,7 @@ NAME = "survival_table"
 TCGA_COLS = ("case_submitter_id", "vital_status", "days_to_death", "days_to_last_follow_up")
 
 
-class Options(common.Options):
+class Options(slide_bags.SlideOptions):
     file: str = "clinical.csv"
     sep: str = ","  # GDC's clinical.tsv: "\t"
     tcga: bool = False  # time/event from GDC clinical columns (TCGA_COLS); the id is case_submitter_id
@@ -81,22 +83,35 @@ def load(folder: Path, entry: CatalogEntry) -> EvalDataset:
     path = folder / o.file
     rejected: list = []
     if o.tcga:
-        table = _tcga(common.read_table(path, TCGA_COLS, o.sep), o.file, rejected)
+        rows = common.read_table(path, TCGA_COLS, o.sep)
+        table = _tcga(rows, o.file, rejected)
         has_split = False
     else:
-        rows = common.read_table(path, (o.id_col, o.time_col, o.event_col), o.sep)
+        slide = (o.slide_col,) if o.slides_dir and o.slide_col else ()
+        rows = common.read_table(path, (o.id_col, o.time_col, o.event_col) + slide, o.sep)
         has_split = bool(rows) and o.split_col in rows[0]
         table = _plain(rows, o, has_split, rejected)
-    images, bags = common.collect_bags(folder, list(table), o.bags_file, o.patches_dir, o.exclude, rejected)
-    kept = []
-    for pid in table:
-        if bags[pid]:
-            kept.append(pid)
-        else:
-            rejected.append((f"patient {pid}", f"empty bag: no images in {o.patches_dir}/{pid}/ or {o.bags_file}"))
+    if o.slides_dir:
+        root = slide_bags.slides_root(folder, o)
+        named = None
+        if o.slide_col and not o.tcga:  # one slide per patient named by the table (GDC tables name none)
+            named = {r[o.id_col]: r[o.slide_col] for r in reversed(rows) if r[o.id_col] in table}  # first row wins
+        pattern = o.slide_id or (slide_bags.TCGA_PATIENT if o.tcga else slide_bags.STEM)
+        slides = slide_bags.find_slides(root, list(table), pattern, o.exclude, rejected, named)
+        images, bags = slide_bags.slide_bags(root, slides, o, rejected, what="patient")
+        kept = [pid for pid in table if bags[pid]]
+    else:
+        paths, bags = common.collect_bags(folder, list(table), o.bags_file, o.patches_dir, o.exclude, rejected)
+        images = FileImages(paths)
+        kept = []
+        for pid in table:
+            if bags[pid]:
+                kept.append(pid)
+            else:
+                rejected.append((f"patient {pid}", f"empty bag: no images in {o.patches_dir}/{pid}/ or {o.bags_file}"))
     if len(kept) < 2:
         raise DatasetFormatError(f"{path}: {len(kept)} patient(s) with images and valid follow-up ({rejected[:3]})")
-    return EvalDataset(name=entry.name, modality=common.modality_of(entry), images=FileImages(images),
+    return EvalDataset(name=entry.name, modality=common.modality_of(entry), images=images,
                        bags=[np.array(bags[p]) for p in kept], bag_ids=kept,
                        bag_split=np.array([table[p][0] for p in kept]) if has_split else None,
                        time=np.array([table[p][1] for p in kept], np.float64),
@@ -112,6 +127,8 @@ def check(folder: Path, entry: CatalogEntry) -> tuple[str, str]:
     lacking = [c for c in need if c not in common.table_header(path, o.sep)]
     if lacking:
         return "incomplete", f"{path}: missing column(s) {lacking}"
-    if not (folder / o.bags_file).is_file() and not (folder / o.patches_dir).is_dir():
+    if o.slides_dir and not (folder / o.slides_dir).is_dir():
+        return "incomplete", f"{path} present, but not the slides folder {folder / o.slides_dir}/"
+    if not o.slides_dir and not (folder / o.bags_file).is_file() and not (folder / o.patches_dir).is_dir():
         return "incomplete", f"{path} present, but neither {folder / o.bags_file} nor {folder / o.patches_dir}/"
     return "present", str(path)
