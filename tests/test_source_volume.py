@@ -2,6 +2,7 @@
 (pydicom's), plus tiny generated files for the edge cases and a child process measuring peak RSS."""
 
 import json
+import locale
 import os
 import re
 import shutil
@@ -157,7 +158,11 @@ def write_series(root: Path, vol: np.ndarray, names: list[str], spacing: float =
         writer = sitk.ImageFileWriter()
         writer.KeepOriginalImageUIDOn()
         writer.SetFileName(str(root / name))
-        writer.Execute(im)
+        saved = locale.setlocale(locale.LC_ALL)
+        try:
+            writer.Execute(im)
+        finally:  # GDCM's DICOM writer leaves the process in the C locale: later text I/O would be ASCII
+            locale.setlocale(locale.LC_ALL, saved)
 
 
 def test_series_order_comes_from_positions_and_planes_match_the_volume(tmp_path):

@@ -110,7 +110,7 @@ def hf_clip_twin(folder: Path, *, size: int = 32, patch: int = 8, safetensors: b
     folder.mkdir(parents=True, exist_ok=True)
     vocab, merges = clip_bpe_vocab()
     (folder / "vocab.json").write_text(json.dumps(vocab))
-    (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n")
+    (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n", encoding="utf-8")
     CLIPTokenizer.from_pretrained(folder).save_pretrained(folder)
     CLIPImageProcessor(size={"shortest_edge": size}, crop_size={"height": size, "width": size}).save_pretrained(folder)
     tower = {"hidden_size": width, "intermediate_size": 2 * width, "num_hidden_layers": 2, "num_attention_heads": 2}

@@ -202,6 +202,11 @@ class CurateCfg(Strict):
     min_pixel_std: float = Field(1.0, ge=0, description="stored pixels varying less (std, 0-255) carry no "
                                                          "information: quarantined")
     workers: int = Field(2, ge=0, description="decoding processes; 0 decodes in the calling process")
+    # issue 20, curation on the cluster engine (docs/scaling.md): the cluster is features.dask's, one definition for
+    # both stages; neither field is in the store's fingerprint (the store is byte-identical either way)
+    executor: Literal["local", "dask"] = Field("local", description="local: `workers` processes here; dask: "
+                                               "partitions decoded on the features.dask cluster")
+    partition_records: int = Field(256, ge=1, description="executor dask: consecutive records per work unit")
     incremental: bool = True
     check_contamination: bool = Field(True, description="after curation, look up every evaluation image on disk "
                                                         "(exact and near-duplicate) in the store: "
@@ -272,6 +277,14 @@ class TrainCfg(Strict):
     checkpoint_every: int = Field(0, ge=0, description="write the training state every N steps (0: at the end only)")
     resume: Literal["auto", "never"] = Field("auto", description="auto: continue an unfinished run of the same config")
     log_every: int = Field(1, ge=1, description="log loss terms, lr and samples/s to MLflow every N steps")
+    # issue 20 (reads beyond the page cache, feeding an accelerator): docs/training.md "Read order and prefetch"
+    shuffle: Literal["global", "shards"] = Field(
+        "global", description="epoch order: global (a uniform permutation) | shards (shuffled shards, a window read "
+                              "together, a shuffle buffer: the WebDataset recipe, local reads on a cold store)")
+    shuffle_shards: int = Field(4, ge=1, description="shards: how many shards are read together")
+    shuffle_buffer: int = Field(8192, ge=1, description="shards: rows in the shuffle buffer")
+    prefetch: int = Field(1, ge=0, le=4, description="batches gathered ahead in a background thread (0: inline); "
+                                                      "results are identical either way")
 
 
 class PreprocessCfg(Strict):

@@ -29,7 +29,7 @@ from mmkd.data.index import CurationIndex
 from mmkd.data.sources import RawRecord, iter_source
 from mmkd.data.splits import SPLITS, assign_split, group_token
 from mmkd.data.store import CurationError, ShardWriter, remove_unlisted, shard_numbers
-from mmkd.data.workers import ordered_map
+from mmkd.data.workers import Decoder, ordered_map
 from mmkd.progress import progress
 
 log = logging.getLogger("mmkd")
@@ -138,9 +138,11 @@ class Previous:
         self._tmp.cleanup()
 
 
-def curate(data_root: Path, out_dir: Path, cfg: CurateCfg, extra: dict[str, bytes] | None = None) -> dict:
+def curate(data_root: Path, out_dir: Path, cfg: CurateCfg, extra: dict[str, bytes] | None = None,
+           decode: Decoder | None = None) -> dict:
     """Curate every source of cfg into out_dir (see mmkd.data.store for the layout); returns the summary.
-    `extra`: other files of the store (name -> bytes), written into the same generation."""
+    `extra`: other files of the store (name -> bytes), written into the same generation. `decode`: where records
+    are decoded (default: workers.ordered_map, cfg.workers local processes; mmkd.data.curate_dask: a Dask cluster)."""
     gens = Generations(Path(out_dir), cfg.durable)
     for what in gens.recover():
         log.info("curate: after an interrupted run: %s", what)
@@ -152,7 +154,7 @@ def curate(data_root: Path, out_dir: Path, cfg: CurateCfg, extra: dict[str, byte
     for incremental in ((True, False) if cfg.incremental else (False,)):
         prev = Previous(gens.live, cfg.model_copy(update={"incremental": incremental}))
         try:
-            summary = _run(Path(data_root), gens.begin(), cfg, prev, extra or {})
+            summary = _run(Path(data_root), gens.begin(), cfg, prev, extra or {}, decode or ordered_map)
         finally:
             prev.close()
         if summary is not None:
@@ -163,7 +165,8 @@ def curate(data_root: Path, out_dir: Path, cfg: CurateCfg, extra: dict[str, byte
     return summary
 
 
-def _run(data_root: Path, out_dir: Path, cfg: CurateCfg, prev: Previous, extra: dict[str, bytes]) -> dict | None:
+def _run(data_root: Path, out_dir: Path, cfg: CurateCfg, prev: Previous, extra: dict[str, bytes],
+         decode: Decoder) -> dict | None:
     """Fill the empty generation out_dir; None when the sources lost records of prev (the caller rebuilds)."""
     files = prev.link_into(out_dir)  # checksums.json entries of the generation, filled as files are written
     index = CurationIndex(cfg.near_dup_bits, cfg.near_dup_max_diff)
@@ -190,7 +193,7 @@ def _run(data_root: Path, out_dir: Path, cfg: CurateCfg, prev: Previous, extra: 
             per["scrubbed"][k] += v
 
     try:
-        stream = ordered_map(all_records(cfg, data_root), cfg, prev.known, cfg.workers)
+        stream = decode(all_records(cfg, data_root), cfg, prev.known, cfg.workers)
         for rec, res in progress(stream, desc="curate", unit="rec"):
             stats["records"] += 1
             fp = res["fingerprint"]

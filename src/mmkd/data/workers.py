@@ -22,7 +22,7 @@ from itertools import islice
 from pathlib import Path
 from multiprocessing import get_context
 from multiprocessing.connection import wait
-from typing import Iterable, Iterator
+from typing import Callable, Iterable, Iterator
 
 import numpy as np
 from PIL import Image
@@ -41,6 +41,9 @@ log = logging.getLogger("mmkd")
 # the forkserver instead, so a fresh worker (a replaced pool, a record decoded alone) starts warm
 PRELOAD = ("numpy.ma", "PIL.BmpImagePlugin", "PIL.GifImagePlugin", "PIL.JpegImagePlugin", "PIL.PngImagePlugin",
            "PIL.PpmImagePlugin")
+# what curate() decodes records with: (records, cfg, known fingerprints, workers) -> (record, candidate) in input
+# order; ordered_map below (local processes) or mmkd.data.curate_dask.decoder (a Dask cluster)
+Decoder = Callable[[Iterable[RawRecord], object, frozenset, int], Iterator[tuple[RawRecord, dict]]]
 _cfg = None
 _known: frozenset[str] = frozenset()
 _rules: list = []

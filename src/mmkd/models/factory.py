@@ -129,8 +129,10 @@ def image_spec(model: torch.nn.Module) -> ImageSpec:
 
 def to_tensor(images: np.ndarray, spec: ImageSpec, device, crops: torch.Tensor | None = None) -> torch.Tensor:
     """uint8 NHWC -> normalised float NCHW at the model's size; crops (training.augment.draw_crops) crop first."""
-    # np.array copies: batches sliced from a read-only memory-mapped shard cannot back a tensor
-    x = torch.from_numpy(np.array(images, dtype=np.uint8)).to(device).permute(0, 3, 1, 2).float() / 255.0
+    # np.array copies: batches sliced from a read-only memory-mapped shard cannot back a tensor; a tensor (the
+    # training reader's pinned batch) goes as it is, asynchronously when pinned
+    x = images if isinstance(images, torch.Tensor) else torch.from_numpy(np.array(images, dtype=np.uint8))
+    x = x.to(device, non_blocking=True).permute(0, 3, 1, 2).float() / 255.0
     if crops is not None:
         from mmkd.training.augment import apply_crops
 

@@ -33,7 +33,14 @@ def step_curate(ctx: Context, run: StepRun) -> dict:
     cfg = p.curate.model_copy(update={"group_key": key} | ({"incremental": False} if rekey_needed(ws.curated, key)
                                                            else {}))
     extra[KEY_ID_FILE] = key_id(key).encode()
-    summary = curate(ws.data, ws.curated, cfg, extra=extra)
+    if cfg.executor == "dask":  # decoding as work units on the cluster caching uses (features.dask)
+        from mmkd.data.curate_dask import dask_client, decoder
+
+        with dask_client(p.features.dask) as client:
+            summary = curate(ws.data, ws.curated, cfg, extra=extra,
+                             decode=decoder(client, cfg.partition_records, cfg.workers))
+    else:
+        summary = curate(ws.data, ws.curated, cfg, extra=extra)
     run.log_metrics({k: summary[k] for k in ("input_records", "kept", "quarantined", "decoded", "reused", "shards",
                                              "unknown_modality")}
                     | {f"kept_{k}": v for k, v in summary["kept_per_split"].items()}

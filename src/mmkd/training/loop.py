@@ -17,6 +17,8 @@ from mmkd.progress import progress
 from mmkd.training import checkpoint, distributed
 from mmkd.training.augment import draw_crops
 from mmkd.training.objective import Objective
+from mmkd.training.order import epoch_order, row_shards
+from mmkd.training.prefetch import BatchReader, pin
 
 MAX_LOGIT_SCALE = math.log(100.0)
 
@@ -94,8 +96,10 @@ def train(
     sched = torch.optim.lr_scheduler.LambdaLR(opt, warmup_cosine(cfg.warmup_steps, total))
     gen = torch.Generator().manual_seed(seed)
     spec = image_spec(model)
-    print_fp = checkpoint.fingerprint(desc, cfg.model_dump(exclude={"resume", "checkpoint_every", "log_every"}),
-                                      n, seed, world, fingerprint or {})
+    # prefetch never changes results; the shard-order knobs only matter (and so only count) when shuffling by shards
+    unprinted = {"resume", "checkpoint_every", "log_every", "prefetch",
+                 *(("shuffle", "shuffle_shards", "shuffle_buffer") if cfg.shuffle == "global" else ())}
+    print_fp = checkpoint.fingerprint(desc, cfg.model_dump(exclude=unprinted), n, seed, world, fingerprint or {})
     state = distributed.broadcast_object(checkpoint.resumable(state_dir, cfg.resume, print_fp, desc) is not None)
     step, epoch, pos, order, history, resumed_from = 0, 0, 0, None, {}, None
     if state:
@@ -117,48 +121,68 @@ def train(
             "objective": objective.state_dict(), "rng": checkpoint.rng_state(gen), "history": history})
 
     use_bf16 = cfg.precision == "bf16"
+    shard_of = row_shards(images) if cfg.shuffle == "shards" else None
+    pinned = device.type == "cuda" and cfg.prefetch > 0
+
+    def gather(idx: torch.Tensor) -> tuple:
+        """What step `idx` reads from storage; runs in the reader's thread (prefetch > 0): reads only."""
+        local = idx[rows].numpy()
+        x, tok = images[local], tokens[local]
+        if pinned:  # page-locked host copies, so the copies to the GPU below overlap the step (non_blocking)
+            x, tok = pin(torch.from_numpy(np.ascontiguousarray(x))), pin(tok)
+        return idx, x, tok, objective.fetch(idx)
+
+    waited = 0.0
     t0 = time.perf_counter()
     with progress(total=total, initial=step, desc=desc, unit="step", disable=not main) as bar:
         while epoch < cfg.epochs:
             if order is None:
-                order = torch.randperm(n, generator=gen)
-            while pos < steps_per_epoch:
-                t_step = time.perf_counter()
-                # sorted reads are kinder to memory-mapped shards; the order inside a batch does not matter
-                idx = order[pos * batch : (pos + 1) * batch].sort().values
-                crops = draw_crops(batch, gen)[rows] if cfg.augment else None
-                local = idx[rows].numpy()
-                x = to_tensor(images[local], spec, device, crops)
-                tok = tokens[local].to(device)
-                objective.begin_step(idx)
-                loss, parts = _backward(net, model, x, tok, idx, objective, cfg.accum_steps, world, use_bf16,
-                                        device)
-                if not math.isfinite(loss):
-                    raise FloatingPointError(f"{desc}: loss became {loss} at step {step}")
-                grad_norm = None
-                if cfg.grad_clip_norm:
-                    grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip_norm))
-                opt.step()
-                opt.zero_grad(set_to_none=True)
-                sched.step()
-                with torch.no_grad():
-                    model.logit_scale.clamp_(0, MAX_LOGIT_SCALE)
-                objective.after_step()
-                step, pos = step + 1, pos + 1
-                history = {"loss": loss, **parts}
-                if main:
-                    bar.set_postfix(loss=f"{loss:.3f}")
-                    bar.update(1)
-                if log and main and (step % cfg.log_every == 0 or step == total):
-                    extra = {"lr": sched.get_last_lr()[0], "epoch": epoch,
-                             "samples_per_second": batch / (time.perf_counter() - t_step)}
-                    if grad_norm is not None:
-                        extra["grad_norm"] = grad_norm
-                    log({**history, **extra}, step)
-                if step % 16 == 0 and hasattr(images, "release"):
-                    images.release()  # memory-mapped views: keep RSS flat however large the corpus
-                if cfg.checkpoint_every and step % cfg.checkpoint_every == 0 and step < total:
-                    save()
+                order = epoch_order(cfg.shuffle, n, gen, seed, epoch, shard_of, cfg.shuffle_shards,
+                                    cfg.shuffle_buffer)
+            # sorted reads are kinder to memory-mapped shards; the order inside a batch does not matter
+            batches = (order[p * batch : (p + 1) * batch].sort().values for p in range(pos, steps_per_epoch))
+            # one reader per epoch: the next epoch's global order draws from `gen`, which the steps draw from too
+            with BatchReader(gather, batches, cfg.prefetch) as reader:  # closed however the epoch ends
+                while pos < steps_per_epoch:
+                    t_step, w0 = time.perf_counter(), reader.wait_seconds
+                    idx, x_host, tok_host, fetched = next(reader)
+                    crops = draw_crops(batch, gen)[rows] if cfg.augment else None
+                    x = to_tensor(x_host, spec, device, crops)
+                    tok = tok_host.to(device, non_blocking=True)
+                    if fetched is None:
+                        objective.begin_step(idx)
+                    else:
+                        objective.begin_step(idx, fetched)
+                    loss, parts = _backward(net, model, x, tok, idx, objective, cfg.accum_steps, world, use_bf16,
+                                            device)
+                    if not math.isfinite(loss):
+                        raise FloatingPointError(f"{desc}: loss became {loss} at step {step}")
+                    grad_norm = None
+                    if cfg.grad_clip_norm:
+                        grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip_norm))
+                    opt.step()
+                    opt.zero_grad(set_to_none=True)
+                    sched.step()
+                    with torch.no_grad():
+                        model.logit_scale.clamp_(0, MAX_LOGIT_SCALE)
+                    objective.after_step()
+                    step, pos = step + 1, pos + 1
+                    history = {"loss": loss, **parts}
+                    if main:
+                        bar.set_postfix(loss=f"{loss:.3f}")
+                        bar.update(1)
+                    if log and main and (step % cfg.log_every == 0 or step == total):
+                        took = time.perf_counter() - t_step
+                        extra = {"lr": sched.get_last_lr()[0], "epoch": epoch, "samples_per_second": batch / took,
+                                 "data_wait_fraction": (reader.wait_seconds - w0) / took}
+                        if grad_norm is not None:
+                            extra["grad_norm"] = grad_norm
+                        log({**history, **extra}, step)
+                    if step % 16 == 0 and hasattr(images, "release"):
+                        images.release()  # memory-mapped views: keep RSS flat however large the corpus
+                    if cfg.checkpoint_every and step % cfg.checkpoint_every == 0 and step < total:
+                        save()
+            waited += reader.wait_seconds
             epoch, pos, order = epoch + 1, 0, None
     seconds = time.perf_counter() - t0
     save(complete=True)
@@ -167,7 +191,8 @@ def train(
     model.eval()
     history = {**history, **objective.summary(), "steps": step, "train_seconds": seconds, "pairs": n,
                "global_batch": batch, "world_size": world,
-               "samples_per_second": (step - (resumed_from or 0)) * batch / max(seconds, 1e-9)}
+               "samples_per_second": (step - (resumed_from or 0)) * batch / max(seconds, 1e-9),
+               "data_wait_fraction": waited / max(seconds, 1e-9)}
     if resumed_from is not None:
         history["resumed_from_step"] = resumed_from
     return history

@@ -21,10 +21,17 @@ class Objective:
         """Extra optimiser groups (each with its own lr / weight_decay), e.g. a learnable temperature."""
         return []
 
-    def begin_step(self, idx: torch.Tensor) -> None:
-        """Called once per optimiser step with the global batch's indices, before `loss`. Draw per-step random
-        choices (e.g. which teacher supervises each sample) here: with gradient accumulation `loss` is called once
-        per micro-batch and must be a pure function of its inputs and what begin_step prepared."""
+    def fetch(self, idx: torch.Tensor):
+        """What the step `idx` reads from storage (teacher features), or None. The loop calls it in its batch
+        reader, possibly in a background thread ahead of the step (train.prefetch), in step order, and passes the
+        result to begin_step: it must only read, never touch what a checkpoint saves."""
+        return None
+
+    def begin_step(self, idx: torch.Tensor, fetched=None) -> None:
+        """Called once per optimiser step with the global batch's indices (and `fetch(idx)` when not None),
+        before `loss`. Draw per-step random choices here (or in fetch, in step order, saving what the steps taken
+        drew: the reference strategy's teacher draws): with gradient accumulation `loss` is called once per
+        micro-batch and must be a pure function of its inputs and what begin_step prepared."""
 
     def loss(self, img: torch.Tensor, txt: torch.Tensor, logit_scale: torch.Tensor,
              idx: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:

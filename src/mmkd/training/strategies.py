@@ -9,10 +9,10 @@
 - relational: the teachers' in-batch image-text similarity structure (raw features, native dims), distilled with
               soft-target cross entropy (open_clip's DistillClipLoss), averaged over each sample's teachers.
 
-Every objective reads teacher features from the stores only (no teacher runs), in `begin_step`, once per
-optimiser step for the whole GLOBAL batch (identical on every rank), and computes its loss over the gathered
-global batch, so a run on N processes optimises exactly what one process would. docs/distillation.md has the
-formulas.
+Every objective reads teacher features from the stores only (no teacher runs), in `fetch` (which the loop's
+reader may run ahead, in its thread), once per optimiser step for the whole GLOBAL batch (identical on every rank),
+and computes its loss over the gathered global batch, so a run on N processes optimises exactly what one process
+would. docs/distillation.md has the formulas.
 """
 
 from __future__ import annotations
@@ -75,6 +75,15 @@ def _tensor(a: np.ndarray, device) -> torch.Tensor:
     return torch.from_numpy(np.ascontiguousarray(a, dtype=np.float32)).to(device)
 
 
+def _open_shards(features) -> None:
+    """Open (and check) every feature shard `features` reads, in this thread: the loop's reader thread reads
+    them, and a store's SQLite index answers only the thread that opened it."""
+    shard = getattr(features, "shard", None)  # TeacherFeatures' [N, T] shard ids (-1: no row)
+    if shard is not None:
+        for s in np.unique(shard[shard >= 0]):
+            features.store.arrays(int(s))
+
+
 class DistillObjective(Objective):
     """What every strategy shares: teachers, eligibility, the per-teacher weight mass (teacher shares)."""
 
@@ -89,12 +98,17 @@ class DistillObjective(Objective):
         self.accum_steps = cfg.train.accum_steps
         self._calls = 0
         self._batch: dict | None = None
+        if cfg.train.prefetch:
+            for features in (sup.aligned, sup.raw):
+                _open_shards(features)
 
-    def begin_step(self, idx: torch.Tensor) -> None:
+    def begin_step(self, idx: torch.Tensor, fetched=None) -> None:
+        idx = torch.as_tensor(idx, dtype=torch.long)
         self._calls = 0
-        self._batch = self.prepare(torch.as_tensor(idx, dtype=torch.long))
+        self._batch = self.prepare(idx, self.fetch(idx) if fetched is None else fetched)
 
-    def prepare(self, idx: torch.Tensor) -> dict:
+    def prepare(self, idx: torch.Tensor, fetched) -> dict:
+        """The step's targets from what `fetch(idx)` read (the loop's reader may have read it ahead)."""
         raise NotImplementedError
 
     def _last_pass(self) -> bool:
@@ -191,12 +205,22 @@ class ReferenceObjective(FeatureObjective):
     def __init__(self, sup: Supervision, cfg: DistillCfg, seed: int, device: torch.device | str = "cpu"):
         super().__init__(sup, cfg, seed, device)
         self.sampler = TeacherSampler(sup.eligible, seed + 1)
+        self._sampler_state: torch.Tensor | None = None  # the sampler's state after the last step taken
 
-    def prepare(self, idx):
+    def fetch(self, idx):
+        """Draws each sample's teacher and reads only those rows. Batches are fetched in step order, so the draws
+        are the synchronous run's; the sampler's state after each draw travels with its batch, so a checkpoint
+        holds the state of the steps taken, not of the batches read ahead."""
+        idx = torch.as_tensor(idx, dtype=torch.long)
         choice = self.sampler.draw(idx)
-        self.mass += torch.bincount(choice, minlength=len(self.names)).double()
         t_img, t_txt = self.sup.aligned.chosen(idx.numpy(), choice.numpy())
-        return {"idx": idx, "t_img": _tensor(t_img, self.device), "t_txt": _tensor(t_txt, self.device)}
+        return {"choice": choice, "t_img": t_img, "t_txt": t_txt, "sampler": self.sampler.gen.get_state()}
+
+    def prepare(self, idx, fetched):
+        choice, self._sampler_state = fetched["choice"], fetched["sampler"]
+        self.mass += torch.bincount(choice, minlength=len(self.names)).double()
+        return {"idx": idx, "t_img": _tensor(fetched["t_img"], self.device),
+                "t_txt": _tensor(fetched["t_txt"], self.device)}
 
     def loss(self, img, txt, logit_scale, idx):
         b = self._prepared(idx)
@@ -208,11 +232,13 @@ class ReferenceObjective(FeatureObjective):
         return total, {**parts, "icl_temperature": float(1.0 / icl_scale.detach())}
 
     def state_dict(self) -> dict:
-        return {**super().state_dict(), "sampler": self.sampler.state_dict()}
+        taken = self.sampler.state_dict() if self._sampler_state is None else {"generator": self._sampler_state}
+        return {**super().state_dict(), "sampler": taken}
 
     def load_state_dict(self, state: dict) -> None:
         super().load_state_dict(state)
         self.sampler.load_state_dict(state["sampler"])
+        self._sampler_state = None
 
 
 class MeanObjective(FeatureObjective):
@@ -224,10 +250,13 @@ class MeanObjective(FeatureObjective):
     def weights(self, idx: torch.Tensor) -> torch.Tensor:
         return self.mean_weights(idx)
 
-    def prepare(self, idx):
+    def fetch(self, idx):
+        return self.sup.aligned.stacked(torch.as_tensor(idx, dtype=torch.long).numpy())[:2]
+
+    def prepare(self, idx, fetched):
         w = self.weights(idx)
         self.mass += w.sum(0)
-        t_img, t_txt, _ = self.sup.aligned.stacked(idx.numpy())
+        t_img, t_txt = fetched
         return {"idx": idx, "w": w.float().to(self.device), "mask": (w > 0).to(self.device),
                 "t_img": _tensor(t_img, self.device), "t_txt": _tensor(t_txt, self.device)}
 
@@ -288,10 +317,13 @@ class RelationalObjective(DistillObjective):
 
     needs = ("raw",)
 
-    def prepare(self, idx):
+    def fetch(self, idx):
+        return self.sup.raw.batch(torch.as_tensor(idx, dtype=torch.long).numpy())
+
+    def prepare(self, idx, fetched):
         w = self.mean_weights(idx)
         self.mass += w.sum(0)
-        parts = self.sup.raw.batch(idx.numpy())
+        parts = fetched
         return {"idx": idx, "w": w.float().to(self.device), "mask": (w > 0).to(self.device),
                 "teachers": [(_tensor(parts[t][0], self.device), _tensor(parts[t][1], self.device))
                              for t in self.names]}
