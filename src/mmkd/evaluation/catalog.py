@@ -194,7 +194,8 @@ def load_catalog(path: str | Path | None = None) -> list[CatalogEntry]:
     """Every entry of catalog.yaml (`datasets:` list), validated; all problems reported at once, by entry name."""
     path = Path(path or CATALOG_PATH)
     try:
-        doc = yaml.safe_load(path.read_text(encoding="utf-8"))
+        # libyaml's parser where PyYAML has it: the catalog is read once per evaluated dataset (~0.3 s in Python)
+        doc = yaml.load(path.read_text(encoding="utf-8"), Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader))
     except (OSError, yaml.YAMLError) as e:
         raise CatalogError(f"catalog {path}: cannot read: {e}") from e
     raw = doc.get("datasets") if isinstance(doc, dict) else None

@@ -7,25 +7,14 @@ import torch
 from sklearn.model_selection import StratifiedKFold
 from torch.nn import functional as F
 
-from mmkd.evaluation.stats import Outcome, plan_ci
+from mmkd.evaluation.stats import Outcome, _ovr_auc, plan_ci
 from mmkd.evaluation.tasks import BOOTSTRAP_SEED, one_torch_thread
 
 
 def auc_ovr(y: np.ndarray, prob: np.ndarray) -> float:
-    """Binary: AUC of the positive class; multiclass: macro one-vs-rest AUC (sklearn's roc_auc_score, by ranks
+    """Binary: AUC of the positive class; multiclass: macro one-vs-rest AUC (sklearn's roc_auc_score, by mid-ranks
     so that a thousand bootstrap resamples stay cheap). ValueError when a class is absent."""
-    from scipy.stats import rankdata
-
-    classes = [1] if prob.shape[1] == 2 else range(prob.shape[1])
-    aucs = []
-    for c in classes:
-        pos = y == c
-        n1, n0 = int(pos.sum()), int((~pos).sum())
-        if n1 == 0 or n0 == 0:
-            raise ValueError("AUC undefined: a class is absent")
-        ranks = rankdata(prob[:, c])
-        aucs.append((ranks[pos].sum() - n1 * (n1 + 1) / 2) / (n1 * n0))
-    return float(np.mean(aucs))
+    return _ovr_auc(prob, y)
 
 
 def balanced_acc(y: np.ndarray, prob: np.ndarray) -> float:
