@@ -235,3 +235,13 @@ def test_deflated_dicom_decodes_and_its_inflated_size_is_capped(tmp_path):
         dicom.load_pixels(rec, small)
     [refused] = dicom.iter_records(SourceCfg(name="s", kind="dicom", path=str(root)), root, small)
     assert refused.problem == "deflated DICOM too large: image_dfl.dcm inflates past max_inflated_bytes 100000"
+
+
+@pytest.mark.parametrize("kind,src,name", [("dicom", DCM, "CT_small.dcm"), ("nifti", NII, "anatomical.nii"),
+                                           ("volume", NII, "anatomical.nii")])
+def test_a_caption_sidecar_that_is_not_utf8_quarantines_its_record_by_name(tmp_path, kind, src, name):
+    root = folder(tmp_path, src, name)
+    stem = name.rsplit(".", 1)[0]
+    (root / f"{stem}.txt").write_bytes(b"CT of the chest, caf\xe9")
+    (rec,) = records(kind, root)
+    assert rec.problem == f"invalid UTF-8 in the caption sidecar of {name} (byte 20)"

@@ -27,7 +27,7 @@ from mmkd.data import imaging
 from mmkd.data.imaging import RecordError, check_size
 from mmkd.data.sources import RawRecord, inside, source_root
 from mmkd.data.sources.dicom_objects import implied_transfer_syntax, needs_force, refusal
-from mmkd.data.sources.files import per_file_records, contained, inflated_size, limit, sidecar_text
+from mmkd.data.sources.files import per_file_records, contained, inflated_size, limit, sidecar_caption
 
 MODALITIES = {"CT": "ct", "MR": "mri", "US": "ultrasound", "SM": "pathology", "OP": "fundus", "OPT": "oct",
               "OCT": "oct", "ES": "endoscopy", **{m: "xray" for m in ("CR", "DX", "MG", "RF", "XA", "RG", "PX")}}
@@ -123,12 +123,9 @@ def _file_records(spec, path: Path, base: Path, rel: str, limits) -> list[RawRec
         rec.raw.update(frames=n)
         return [rec]
     try:
-        caption = _caption(spec, ds, path, base, limits)
+        caption = _caption(spec, ds, path, base, limits, rel)
     except RecordError as exc:
         rec.problem = str(exc)
-        return [rec]
-    except UnicodeDecodeError as exc:
-        rec.problem = f"invalid UTF-8 in the caption sidecar of {rel} (byte {exc.start})"
         return [rec]
     group = _tag(ds, "PatientID") or _tag(ds, "StudyInstanceUID") or None
     modality = spec.modality or MODALITIES.get(_tag(ds, "Modality"))
@@ -148,10 +145,10 @@ def _frames(spec, n: int) -> tuple[list[int], list[int]]:
     return list(spec.frames), [i for i in spec.frames if not 0 <= i < n]
 
 
-def _caption(spec, ds, path: Path, base: Path, limits) -> str:
+def _caption(spec, ds, path: Path, base: Path, limits, rel: str) -> str:
     plain = path.suffix.lower() in (".dcm", ".dicom", ".ima")  # else "1.2.840....": keep the full name
     sidecar = path.with_suffix(".txt") if plain else path.with_name(path.name + ".txt")
-    text = sidecar_text(base, sidecar, limits)
+    text = sidecar_caption(base, sidecar, limits, rel)
     if text is not None:
         return text
     if spec.caption_template:

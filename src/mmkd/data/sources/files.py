@@ -77,6 +77,14 @@ def sidecar_text(root: Path, path: Path, limits) -> str | None:
     return read_capped(target, cap, "max_sidecar_bytes", "sidecar", rel).decode("utf-8")
 
 
+def sidecar_caption(root: Path, path: Path, limits, rel: str) -> str | None:
+    """sidecar_text for the caption of the record `rel`: invalid UTF-8 is a RecordError naming the record."""
+    try:
+        return sidecar_text(root, path, limits)
+    except UnicodeDecodeError as exc:
+        raise RecordError(f"invalid UTF-8 in the caption sidecar of {rel} (byte {exc.start})") from None
+
+
 def inflated_size(fh, cap: int) -> int:
     """Bytes a raw deflate stream from fh's position inflates to, counted in bounded pieces; > cap stops early."""
     d, total = zlib.decompressobj(-zlib.MAX_WBITS), 0

@@ -16,7 +16,7 @@ import numpy as np
 
 from mmkd.data.imaging import RecordError, check_size, gray_to_rgb, percentile_window
 from mmkd.data.sources import RawRecord, inside, source_root
-from mmkd.data.sources.files import per_file_records, contained, limit, sidecar_text
+from mmkd.data.sources.files import per_file_records, contained, limit, sidecar_caption
 
 AXES = ("sagittal", "coronal", "axial")
 
@@ -93,12 +93,9 @@ def _file_records(spec, path: Path, base: Path, rel: str, limits) -> list[RawRec
         rec.raw.update(info)
         return [rec]
     try:
-        text = sidecar_text(base, path.with_name(stem(path) + ".txt"), limits)
+        text = sidecar_caption(base, path.with_name(stem(path) + ".txt"), limits, rel)
     except RecordError as exc:
         rec.problem = str(exc)
-        return [rec]
-    except UnicodeDecodeError as exc:
-        rec.problem = f"invalid UTF-8 in the caption sidecar of {rel} (byte {exc.start})"
         return [rec]
     recs = []
     for i in slices:

@@ -20,7 +20,7 @@ from mmkd.data.imaging import RecordError, check_size, gray_to_rgb, percentile_w
 from mmkd.data.sources import RawRecord, inside, source_root
 from mmkd.data.sources import volume_series as series_io
 from mmkd.data.sources.dicom import MODALITIES, _Tags, _tidy, _window
-from mmkd.data.sources.files import contained, sidecar_text
+from mmkd.data.sources.files import contained, sidecar_caption
 from mmkd.data.sources.nifti import AXES, _slices
 from mmkd.data.sources.volume_header import SUFFIXES, orientation, plane_shape, read_header, stem, suffix
 
@@ -84,12 +84,9 @@ def _file_records(spec, path: Path, base: Path, rel: str, limits) -> list[RawRec
         rec.raw.update(info)
         return [rec]
     try:
-        text = sidecar_text(base, path.with_name(stem(path) + ".txt"), limits)
+        text = sidecar_caption(base, path.with_name(stem(path) + ".txt"), limits, rel)
     except RecordError as exc:
         rec.problem = str(exc)
-        return [rec]
-    except UnicodeDecodeError as exc:
-        rec.problem = f"invalid UTF-8 in the caption sidecar of {rel} (byte {exc.start})"
         return [rec]
     group = _file_group(rel)
     return [RawRecord(spec.name, spec.kind, f"{rel}#axis{spec.axis}-slice{i}", rel,

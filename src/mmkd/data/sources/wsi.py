@@ -17,7 +17,7 @@ import numpy as np
 
 from mmkd.data.imaging import RecordError, check_size
 from mmkd.data.sources import RawRecord, inside, source_root
-from mmkd.data.sources.files import contained, per_file_records, sidecar_text
+from mmkd.data.sources.files import contained, per_file_records, sidecar_caption
 from mmkd.data.wsi import Slide, SlideError, Tile, open_slide, read_tile, tissue_tiles
 
 EXTENSIONS = (".svs", ".ndpi", ".mrxs", ".tif", ".tiff", ".scn", ".bif", ".vms")
@@ -39,7 +39,7 @@ def _file_records(spec, path: Path, base: Path, rel: str, limits) -> list[RawRec
     try:
         if inside(base, rel) is None:  # a symlink pointing outside the root
             raise RecordError(f"path escapes the source root: {rel}")
-        text = sidecar_text(base, path.with_suffix(".txt"), limits)
+        text = sidecar_caption(base, path.with_suffix(".txt"), limits, rel)
         with open_slide(path, assume_mpp=spec.wsi_assume_mpp) as slide:
             info = _info(slide)
             rec.raw.update(info)
@@ -47,9 +47,6 @@ def _file_records(spec, path: Path, base: Path, rel: str, limits) -> list[RawRec
                                  max_tiles=spec.wsi_max_tiles, seed=slide_seed(spec.wsi_seed, rel))
     except (RecordError, SlideError) as exc:
         rec.problem = str(exc) if rel in str(exc) or Path(rel).name in str(exc) else f"{rel}: {exc}"
-        return [rec]
-    except UnicodeDecodeError as exc:
-        rec.problem = f"invalid UTF-8 in the caption sidecar of {rel} (byte {exc.start})"
         return [rec]
     if not tiles:
         extent = spec.wsi_tile_px * spec.wsi_mpp / info["mpp"]  # level-0 pixels of one tile
