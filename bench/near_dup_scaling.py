@@ -157,7 +157,8 @@ def embedded_run(scale: float) -> None:
             sec = time.perf_counter() - t0
             kept = sorted(json.loads(line)["id"] for line in open(work / name / "manifest.jsonl"))
             st = seen[name]
-            print(f"embedded x{scale:g}, {name}: {s['input_records']} records in {sec:.1f} s ({sec / s['input_records'] * 1e3:.2f} "
+            n = s["input_records"]
+            print(f"embedded x{scale:g}, {name}: {n} records in {sec:.1f} s ({sec / n * 1e3:.2f} "
                   f"ms/record); quarantined {s['quarantine_reasons']}; per lookup: {st['rows'] / st['lookups']:.1f} "
                   f"bucket rows, {st['confirmed'] / st['lookups']:.2f} thumbnails; cap hits {st['cap_hits']}")
             seen[name + "_kept"] = kept
@@ -198,8 +199,9 @@ def main() -> None:
                   f"{r['confirmed']:.2f} | {r['cap_hits']} | {r['found']}/{r['planted']} | {r['dups']} | {differ} |")
             base.setdefault(name, r)
             if r is not base[name]:
-                print(f"|  | {name}: x{n / args.sizes[0]:g} records | x{r['per_record_us'] / base[name]['per_record_us']:.2f} "
-                      f"| x{r['tail_us'] / base[name]['tail_us']:.2f} | | | | | | |")
+                b = base[name]
+                print(f"|  | {name}: x{n / args.sizes[0]:g} records | x{r['per_record_us'] / b['per_record_us']:.2f} "
+                      f"| x{r['tail_us'] / b['tail_us']:.2f} | | | | | | |")
 
 
 if __name__ == "__main__":

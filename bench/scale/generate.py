@@ -29,7 +29,8 @@ def pair(seed: int, i: int) -> tuple[np.ndarray, dict]:
         y, x, r = rng.integers(8, SIDE - 8, 2).tolist() + [int(rng.integers(3, 10))]
         yy, xx = np.ogrid[:SIDE, :SIDE]
         img[(yy - y) ** 2 + (xx - x) ** 2 < r * r] += rng.uniform(-60, 60)
-    img += np.array([20 * (MODALITIES.index(mod) % 3), 15 * (MODALITIES.index(mod) % 4), 10]) + rng.normal(0, 6, img.shape)
+    k = MODALITIES.index(mod)
+    img += np.array([20 * (k % 3), 15 * (k % 4), 10]) + rng.normal(0, 6, img.shape)
     caption = (f"{mod} image {i}: {rng.choice(QUALIFIERS)} {rng.choice(FINDINGS)} in the {rng.choice(PLACES)} "
                f"region, about {rng.integers(2, 60)} mm; {rng.choice(QUALIFIERS)} {rng.choice(FINDINGS)}.")
     split = "train" if i % 10 < 8 else ("probe" if i % 10 == 8 else "test")

@@ -53,7 +53,8 @@ def capacity(runs: list[dict], workers: int) -> str:
     """Hours, disk and RAM at TARGETS from the slopes between the two largest measured sizes."""
     a, b = runs[-2], runs[-1]
     lines = ["| stage | parallel over | s / pair (slope) | " + " | ".join(
-        f"hours at {t / 1e6:g} M, 1 / {workers} workers" for t in TARGETS) + " | peak RSS GiB: measured at the largest size / linear to 24 M |",
+        f"hours at {t / 1e6:g} M, 1 / {workers} workers" for t in TARGETS)
+        + " | peak RSS GiB: measured at the largest size / linear to 24 M |",
         "|---|---|---|" + "---|" * len(TARGETS) + "---|"]
     for stage in b["stages"]:
         ra, rb = a["stages"][stage], b["stages"][stage]
@@ -62,7 +63,7 @@ def capacity(runs: list[dict], workers: int) -> str:
         frac = rb["pairs"] / b["n"]  # the stage's pairs per corpus pair (train split: 0.8, test: 0.1)
         hours = [slope * frac * t / 3600 for t in TARGETS]
         par = workers if PARALLEL[stage][1] else 1
-        rss = rb["hwm_kib"] + (rb["hwm_kib"] - ra["hwm_kib"]) / (b["n"] - a["n"]) * (TARGETS[-1] - b["n"])
+        rss = rb["hwm_kib"] + max(0, rb["hwm_kib"] - ra["hwm_kib"]) / (b["n"] - a["n"]) * (TARGETS[-1] - b["n"])
         lines.append(f"| {stage} | {PARALLEL[stage][0]} | {slope:.2e} | " + " | ".join(
             f"{h:.1f} / {h / par:.1f}" for h in hours) + f" | {rb['hwm_kib'] / 2**20:.2f} / {rss / 2**20:.1f} |")
     disk = {"source images": b["source_bytes"] / b["n"],

@@ -130,12 +130,14 @@ def _epoch_reads(images, tokens, batch: int, features=None) -> float:
     """Seconds to read one shuffled epoch of batches (sorted within a batch, as the loop reads them)."""
     order = np.random.default_rng(0).permutation(len(images))
     t0 = time.perf_counter()
-    for at in range(0, len(order) - batch + 1, batch):
+    for step, at in enumerate(range(0, len(order) - batch + 1, batch)):
         idx = np.sort(order[at:at + batch])
         np.asarray(images[idx]).sum()
         tokens[idx]
         if features is not None:
-            features.stacked(idx)
+            features.stacked(idx)  # releases the store's mapped pages every 16 reads itself
+        if step % 16 == 15 and hasattr(images, "release"):
+            images.release()  # as the training loop does: mapped views read so far leave this process's RSS
     return time.perf_counter() - t0
 
 
