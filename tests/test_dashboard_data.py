@@ -164,3 +164,13 @@ def test_an_empty_registry_is_a_message_not_a_traceback(local_store):
         h.history(client, "unpromoted")
     with pytest.raises(h.DashboardEmpty, match="no 'champion' alias yet"):
         h.champion_evaluation(client, "unpromoted")
+
+
+def test_a_plan_rebuilt_from_metrics_json_leaves_the_gain_out_of_the_models():
+    """Without evaluation.json the plan comes from metrics.json, whose `gain` entry is no model."""
+    metrics = {"student": {"embedded-xray": {"zeroshot_acc1": 0.6}, "mean": {}},
+               "rad-clip": {"embedded-xray": {"zeroshot_acc1": 0.5}, "mean": {}},
+               "gain": {"embedded-xray": {"zeroshot_acc1": 0.1}, "mean": {"zeroshot_acc1": 0.1}}}
+    plan = h.plan_from_metrics(metrics)
+    assert [m["name"] for m in plan["models"]] == ["rad-clip", "student"]
+    assert [d["name"] for d in plan["datasets"]] == ["embedded-xray"]

@@ -215,7 +215,7 @@ def plan_from_metrics(metrics: dict) -> dict:
     from mmkd.evaluation.catalog import embedded_entries, load_catalog
 
     known = {e.name: list(e.modalities) for e in [*embedded_entries(MODALITIES, MODALITIES), *load_catalog()]}
-    names = sorted({d for per in metrics.values() for d in per if d != "mean"})
+    names = sorted({d for m, per in metrics.items() if m != "gain" for d in per if d != "mean"})
     datasets = []
     for d in names:
         have = set().union(*(per.get(d, {}).keys() for per in metrics.values()))
@@ -223,8 +223,9 @@ def plan_from_metrics(metrics: dict) -> dict:
         mods = known.get(d, ["unknown"])
         datasets.append({"name": d, "modalities": mods, "modality": mods[0] if len(mods) == 1 else "mixed",
                          "tasks": tasks})
+    # metrics.json's `gain` (student minus student_stage1 per set) is no model
     models = [{"name": m, "kind": "student" if m.startswith(STUDENT) else "teacher", "domain": None}
-              for m in sorted(metrics)]
+              for m in sorted(metrics) if m != "gain"]
     return {"models": models, "datasets": datasets}
 
 
