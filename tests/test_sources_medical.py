@@ -245,3 +245,10 @@ def test_a_caption_sidecar_that_is_not_utf8_quarantines_its_record_by_name(tmp_p
     (root / f"{stem}.txt").write_bytes(b"CT of the chest, caf\xe9")
     (rec,) = records(kind, root)
     assert rec.problem == f"invalid UTF-8 in the caption sidecar of {name} (byte 20)"
+
+
+@pytest.mark.parametrize("kind", ["nifti", "volume"])
+def test_slice_indices_out_of_range_quarantine_the_volume_by_name(tmp_path, kind):
+    root = folder(tmp_path, NII, "anatomical.nii")
+    (rec,) = records(kind, root, slices=[0, 999])
+    assert rec.problem.startswith("slice indices [999] out of range for anatomical.nii (")

@@ -86,10 +86,9 @@ def _file_records(spec, path: Path, base: Path, rel: str, limits) -> list[RawRec
     src, _ = _source_axis(img, spec.axis)
     n = shape[src]
     slices = _slices(spec.slices, n)
-    bad = [i for i in slices if not 0 <= i < n]
     info = {"shape": list(shape), "dtype": str(img.get_data_dtype()), "axcodes": "".join(nib.aff2axcodes(img.affine))}
-    if bad:
-        rec.problem = f"slice indices {bad} out of range for {rel} ({n} slices along axis {spec.axis})"
+    if problem := slice_problem(slices, n, rel, spec.axis):
+        rec.problem = problem
         rec.raw.update(info)
         return [rec]
     try:
@@ -106,6 +105,12 @@ def _file_records(spec, path: Path, base: Path, rel: str, limits) -> list[RawRec
                               modality=spec.modality, group=_group(rel),
                               raw={"path": rel, "axis": spec.axis, "slice": i, **info}))
     return recs
+
+
+def slice_problem(slices: list[int], n: int, name: str, axis: int) -> str | None:
+    """Why the chosen slices cannot be taken from a volume of n slices along axis, or None."""
+    bad = [i for i in slices if not 0 <= i < n]
+    return f"slice indices {bad} out of range for {name} ({n} slices along axis {axis})" if bad else None
 
 
 def _slices(slices, n: int) -> list[int]:

@@ -21,7 +21,7 @@ from mmkd.data.sources import RawRecord, inside, source_root
 from mmkd.data.sources import volume_series as series_io
 from mmkd.data.sources.dicom import MODALITIES, _Tags, _tidy, _window
 from mmkd.data.sources.files import contained, sidecar_caption
-from mmkd.data.sources.nifti import AXES, _slices
+from mmkd.data.sources.nifti import AXES, _slices, slice_problem
 from mmkd.data.sources.volume_header import SUFFIXES, orientation, plane_shape, read_header, stem, suffix
 
 
@@ -78,9 +78,8 @@ def _file_records(spec, path: Path, base: Path, rel: str, limits) -> list[RawRec
     slices = _slices(spec.slices, n)
     info = {"shape": list(size), "dtype": sitk.GetPixelIDValueAsString(reader.GetPixelID()),
             "axcodes": "".join("RAS"[a] if s > 0 else "LPI"[a] for a, s in ornt)}
-    bad = [i for i in slices if not 0 <= i < n]
-    if bad:
-        rec.problem = f"slice indices {bad} out of range for {rel} ({n} slices along axis {spec.axis})"
+    if problem := slice_problem(slices, n, rel, spec.axis):
+        rec.problem = problem
         rec.raw.update(info)
         return [rec]
     try:
@@ -111,10 +110,8 @@ def _series_records(spec, uid: str, heads: list[dict], base: Path, limits) -> li
     slices = _slices(spec.slices, n)
     info = {"files": len(s.slices), "shape": list(s.size), "tags": s.tags,
             "axcodes": "".join("RAS"[a] if d > 0 else "LPI"[a] for a, d in ornt)}
-    bad = [i for i in slices if not 0 <= i < n]
-    if bad:
-        return [RawRecord(spec.name, spec.kind, name, first, raw={"path": first, **info},
-                          problem=f"slice indices {bad} out of range for {name} ({n} slices along axis {spec.axis})")]
+    if problem := slice_problem(slices, n, name, spec.axis):
+        return [RawRecord(spec.name, spec.kind, name, first, raw={"path": first, **info}, problem=problem)]
     group = s.patient if spec.volume_group_by == "patient" else s.study
     group = group or s.study or f"series-{s.token}"  # identifiers: curation stores only a keyed token of it
     modality = spec.modality or MODALITIES.get(s.tags.get("Modality", ""))
