@@ -14,7 +14,8 @@ from PIL import Image
 from mmkd.config import MODALITIES, EvalSurvivalCfg, SynthCfg, load_params
 from mmkd.data import eval_items
 from mmkd.data.eval_suite import MIL_FINDINGS, PRIMARY, SUITE_DIR, classification_plan, generate_suite
-from mmkd.data.render import RENDERERS, finish
+from mmkd.data.draw import finish
+from mmkd.data.render import RENDERERS
 from mmkd.data.synth import SPECS, generate, render_sample, zero_shot_prompts
 
 from .conftest import REPO, write_params

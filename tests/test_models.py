@@ -10,8 +10,9 @@ import torch.nn.functional as F
 from mmkd.config import AlignCfg
 from mmkd.features.projector import load_projector, save_projector, train_projector
 from mmkd.models.factory import create_model, load_checkpoint, save_checkpoint
-from mmkd.training.distill import TeacherSampler, routing
+from mmkd.training.distill import routing
 from mmkd.training.losses import clip_loss, distillation_loss, feature_distillation, interactive_contrastive
+from mmkd.training.supervision import TeacherSampler
 
 CPU = torch.device("cpu")
 

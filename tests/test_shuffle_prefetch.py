@@ -22,7 +22,8 @@ from mmkd.training.loop import tokenize_all, train
 from mmkd.training.objective import ClipObjective
 from mmkd.training.order import epoch_order, row_shards, shard_order
 from mmkd.training.prefetch import BatchReader
-from mmkd.training.strategies import MeanObjective, ReferenceObjective, Supervision
+from mmkd.training.strategies import MeanObjective, ReferenceObjective
+from mmkd.training.supervision import Supervision
 
 MODEL = "mmkd-student-tiny"
 WORDS = ["lesion", "normal", "opacity", "stone", "cyst", "mass", "effusion", "nodule"]

@@ -19,16 +19,15 @@ from mmkd.training.losses import (
     masked_interactive_contrastive,
     relational_distillation,
 )
+from mmkd.training.quality import routed_weights, teacher_quality
 from mmkd.training.strategies import (
     STRATEGIES,
     MeanObjective,
     ReferenceObjective,
     RelationalObjective,
     RoutedObjective,
-    Supervision,
-    routed_weights,
-    teacher_quality,
 )
+from mmkd.training.supervision import Supervision
 
 
 class Arrays:

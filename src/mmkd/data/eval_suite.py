@@ -13,7 +13,8 @@ from PIL import Image
 
 from mmkd.config import EMBEDDED_SUITE_DIR, MODALITIES, SynthCfg
 from mmkd.data import eval_items as items
-from mmkd.data.render import RENDERERS, finish
+from mmkd.data.draw import finish
+from mmkd.data.render import RENDERERS
 from mmkd.data.synth import EVAL_NAMESPACE, SPECS
 from mmkd.progress import progress
 from mmkd import atomic

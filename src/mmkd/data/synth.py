@@ -13,7 +13,8 @@ from mmkd.progress import progress
 from mmkd.config import MODALITIES, SynthCfg
 from mmkd.data import describe
 from mmkd.data.manifest import write_jsonl
-from mmkd.data.render import RENDERERS, finish
+from mmkd.data.draw import finish
+from mmkd.data.render import RENDERERS
 from mmkd import atomic
 
 

@@ -23,7 +23,9 @@ from mmkd.features.store import FeatureError, FeatureStore, TeacherFeatures
 from mmkd.models.factory import image_spec, load_checkpoint, model_config, save_checkpoint
 from mmkd.training import checkpoint, distributed
 from mmkd.training.loop import tokenize_all, train
-from mmkd.training.strategies import STRATEGIES, Supervision, TeacherSampler, teacher_quality  # noqa: F401 (re-export)
+from mmkd.training.quality import teacher_quality
+from mmkd.training.strategies import STRATEGIES
+from mmkd.training.supervision import Supervision
 from mmkd import atomic
 
 WEIGHTS_FILE = "teacher_weights.json"  # written next to the student: shares, and routed's quality/weight tables

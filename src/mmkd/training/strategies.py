@@ -12,14 +12,13 @@
 Every objective reads teacher features from the stores only (no teacher runs), in `fetch` (which the loop's
 reader may run ahead, in its thread), once per optimiser step for the whole GLOBAL batch (identical on every rank),
 and computes its loss over the gathered global batch, so a run on N processes optimises exactly what one process
-would. docs/distillation.md has the formulas.
+would. The base they share is training/supervision.py, the routed weights training/quality.py;
+docs/distillation.md has the formulas.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
-from typing import Any
 
 import numpy as np
 import torch
@@ -34,116 +33,14 @@ from mmkd.training.losses import (
     relational_distillation,
     weighted_mean,
 )
-from mmkd.training.objective import Objective
+from mmkd.training.quality import routed_scores, routed_weights
+from mmkd.training.supervision import DistillObjective, Supervision, TeacherSampler
 
 MAX_LOGIT_SCALE = math.log(100.0)  # the same bound as the student's logit scale (temperature >= 0.01)
 
 
-class TeacherSampler:
-    """Draws, per sample and per step, one teacher uniformly among those eligible for it."""
-
-    def __init__(self, eligible: np.ndarray, seed: int):
-        self.eligible = torch.from_numpy(np.asarray(eligible, dtype=bool))
-        self.gen = torch.Generator().manual_seed(seed)
-
-    def draw(self, idx: torch.Tensor) -> torch.Tensor:
-        mask = self.eligible[idx].float()
-        return torch.multinomial(mask / mask.sum(1, keepdim=True), 1, generator=self.gen).squeeze(1)
-
-    def state_dict(self) -> dict:
-        return {"generator": self.gen.get_state()}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.gen.set_state(state["generator"])
-
-
-@dataclass
-class Supervision:
-    """What a strategy knows about the train split's teachers (built by training.distill.distill)."""
-
-    names: list[str]                      # teachers, registry order
-    eligible: np.ndarray                  # [N, T] bool: may supervise the sample (routed and has features)
-    aligned: Any = None                   # projected, student-dim features (features.store.TeacherFeatures)
-    raw: Any = None                       # raw, native-dim features (TeacherFeatures over the raw store)
-    modality: np.ndarray | None = None    # [N] int: index of each sample's modality in `modalities`
-    modalities: list[str] | None = None
-    quality: np.ndarray | None = None     # [T, M] probe balanced accuracy (NaN: not measurable)
-    routed: np.ndarray | None = None      # [M, T] bool: the teacher is declared for the modality
-
-
 def _tensor(a: np.ndarray, device) -> torch.Tensor:
     return torch.from_numpy(np.ascontiguousarray(a, dtype=np.float32)).to(device)
-
-
-def _open_shards(features) -> None:
-    """Open (and check) every feature shard `features` reads, in this thread: the loop's reader thread reads
-    them, and a store's SQLite index answers only the thread that opened it."""
-    shard = getattr(features, "shard", None)  # TeacherFeatures' [N, T] shard ids (-1: no row)
-    if shard is not None:
-        for s in np.unique(shard[shard >= 0]):
-            features.store.arrays(int(s))
-
-
-class DistillObjective(Objective):
-    """What every strategy shares: teachers, eligibility, the per-teacher weight mass (teacher shares)."""
-
-    needs: tuple[str, ...] = ()  # which Supervision fields distill() must fill: "aligned", "raw", "quality"
-    uses_icl = False
-
-    def __init__(self, sup: Supervision, cfg: DistillCfg, seed: int, device: torch.device | str = "cpu"):
-        self.sup, self.cfg, self.device = sup, cfg, torch.device(device)
-        self.names = list(sup.names)
-        self.eligible = torch.from_numpy(np.asarray(sup.eligible, dtype=bool))
-        self.mass = torch.zeros(len(self.names), dtype=torch.float64)  # summed per-sample teacher weights
-        self.accum_steps = cfg.train.accum_steps
-        self._calls = 0
-        self._batch: dict | None = None
-        if cfg.train.prefetch:
-            for features in (sup.aligned, sup.raw):
-                _open_shards(features)
-
-    def begin_step(self, idx: torch.Tensor, fetched=None) -> None:
-        idx = torch.as_tensor(idx, dtype=torch.long)
-        self._calls = 0
-        self._batch = self.prepare(idx, self.fetch(idx) if fetched is None else fetched)
-
-    def prepare(self, idx: torch.Tensor, fetched) -> dict:
-        """The step's targets from what `fetch(idx)` read (the loop's reader may have read it ahead)."""
-        raise NotImplementedError
-
-    def _last_pass(self) -> bool:
-        """True on the micro-batch pass that takes the gradient of objective-owned scalars: with accumulation the
-        loop calls `loss` accum_steps times per step, each over the whole batch, and the logit scale (so, too,
-        the ICL temperature) takes its gradient in one pass only."""
-        self._calls += 1
-        return self._calls >= self.accum_steps
-
-    def _prepared(self, idx: torch.Tensor) -> dict:
-        if self._batch is None or not torch.equal(self._batch["idx"], torch.as_tensor(idx, dtype=torch.long)):
-            raise RuntimeError("the training loop must call begin_step(idx) before loss(..., idx)")
-        return self._batch
-
-    def mean_weights(self, idx: torch.Tensor) -> torch.Tensor:
-        """[B, T]: 1 / (number of eligible teachers) on each eligible teacher of each sample."""
-        m = self.eligible[idx].double()
-        return m / m.sum(1, keepdim=True)
-
-    def state_dict(self) -> dict:
-        return {"mass": self.mass.clone()}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.mass.copy_(state["mass"])
-
-    def shares(self) -> dict[str, float]:
-        total = float(self.mass.sum()) or 1.0
-        return {t: float(m) / total for t, m in zip(self.names, self.mass.tolist())}
-
-    def summary(self) -> dict[str, float]:
-        return {f"teacher_share_{t}": s for t, s in self.shares().items()}
-
-    def report(self) -> dict:
-        """What the run learnt about its teachers, for teacher_weights.json next to the student."""
-        return {"strategy": self.cfg.strategy, "teachers": self.names, "teacher_share": self.shares()}
 
 
 class FeatureObjective(DistillObjective):
@@ -346,93 +243,3 @@ STRATEGIES: dict[str, type[DistillObjective]] = {
     "routed": RoutedObjective,
     "relational": RelationalObjective,
 }
-
-
-# ---------------------------------------------------------------------------------------------- routing by quality
-
-
-def teacher_quality(features, labels: list, modality: np.ndarray, n_modalities: int, chunk: int = 4096) -> np.ndarray:
-    """[T, M] balanced accuracy of each teacher on each modality's probe samples (NaN: not measurable).
-
-    features: raw teacher features of the probe samples (`.names`, `.available` [N, T], `.batch(idx)` ->
-    {teacher: (image, text)}); labels: each sample's class (None: unlabelled); modality: [N] modality index.
-    For teacher t and modality m, a class prototype is the L2-normalised mean of t's caption features of that
-    class's probe samples (those t has features for); each such image is classified by its most cosine-similar
-    prototype among m's classes; q[t, m] is the mean per-class recall, measurable when t has >= 2 classes of m.
-    Streams twice over the probe samples in chunks (class sums, then predictions): nothing sample-sized is held.
-    """
-    names = list(features.names)
-    n, T = len(labels), len(names)
-    modality = np.asarray(modality, dtype=np.int64)
-    gid = np.full(n, -1, np.int64)
-    class_mod: list[int] = []
-    for m in range(n_modalities):
-        members = np.flatnonzero(modality == m)
-        for c in sorted({labels[i] for i in members if labels[i] is not None}):
-            gid[[i for i in members if labels[i] == c]] = len(class_mod)
-            class_mod.append(m)
-    G = len(class_mod)
-    class_mod = np.asarray(class_mod, dtype=np.int64)
-    quality = np.full((T, n_modalities), np.nan)
-    if G == 0:
-        return quality
-    avail = np.asarray(features.available, dtype=bool) & (gid >= 0)[:, None]
-    sums: list[np.ndarray | None] = [None] * T
-    counts = np.zeros((T, G))
-    chunks = [np.arange(s, min(n, s + chunk)) for s in range(0, n, chunk)]
-    for sel in chunks:  # pass 1: per-class sums of caption features
-        if not avail[sel].any():
-            continue
-        parts = features.batch(sel)
-        for j, t in enumerate(names):
-            ok = avail[sel, j]
-            if ok.any():
-                txt, g = np.asarray(parts[t][1], np.float64)[ok], gid[sel][ok]
-                if sums[j] is None:
-                    sums[j] = np.zeros((G, txt.shape[1]))
-                np.add.at(sums[j], g, txt)
-                counts[j] += np.bincount(g, minlength=G)
-    protos = [None if s is None else s / np.maximum(np.linalg.norm(s, axis=1, keepdims=True), 1e-12) for s in sums]
-    correct, total = np.zeros((T, G)), np.zeros((T, G))
-    for sel in chunks:  # pass 2: nearest prototype of each image
-        if not avail[sel].any():
-            continue
-        parts = features.batch(sel)
-        for j, t in enumerate(names):
-            ok = avail[sel, j]
-            if not ok.any():
-                continue
-            img, g = np.asarray(parts[t][0], np.float64)[ok], gid[sel][ok]
-            scores = img @ protos[j].T  # [b, G]
-            allowed = (class_mod[None, :] == class_mod[g][:, None]) & (counts[j] > 0)[None, :]
-            pred = np.where(allowed, scores, -np.inf).argmax(1)
-            correct[j] += np.bincount(g[pred == g], minlength=G)
-            total[j] += np.bincount(g, minlength=G)
-    for j in range(T):
-        for m in range(n_modalities):
-            gs = np.flatnonzero((class_mod == m) & (total[j] > 0))
-            if len(gs) >= 2:
-                quality[j, m] = float(np.mean(correct[j, gs] / total[j, gs]))
-    return quality
-
-
-def routed_scores(quality: np.ndarray, temperature: float) -> np.ndarray:
-    """[M, T] softmax logits quality[t, m] / temperature. A teacher whose quality on m was not measurable counts
-    as the worst measured teacher of m (no evidence it is good there); a modality with none measured: all equal."""
-    q = np.asarray(quality, dtype=np.float64).T.copy()  # [M, T]
-    for m in range(len(q)):
-        known = np.isfinite(q[m])
-        q[m, ~known] = q[m, known].min() if known.any() else 0.0
-    return q / temperature
-
-
-def routed_weights(quality: np.ndarray, routed: np.ndarray, temperature: float) -> np.ndarray:
-    """[M, T] the weight table: w[m, t] = softmax over the teachers routed to m of quality[t, m] / temperature,
-    0 for teachers not routed to m (a modality no teacher is declared for uses every teacher, as eligibility
-    does). A sample's own weights are this row renormalised over the teachers that have features for it."""
-    scores = routed_scores(quality, temperature)
-    routed = np.asarray(routed, dtype=bool).copy()
-    routed[~routed.any(1)] = True
-    s = np.where(routed, scores, -np.inf)
-    s = np.exp(s - s.max(1, keepdims=True))
-    return s / s.sum(1, keepdims=True)

@@ -1,0 +1,92 @@
+"""Owns the routed strategy's teacher weights: each teacher's probe quality per modality, softmax over it."""
+
+from __future__ import annotations
+
+import numpy as np
+
+
+def teacher_quality(features, labels: list, modality: np.ndarray, n_modalities: int, chunk: int = 4096) -> np.ndarray:
+    """[T, M] balanced accuracy of each teacher on each modality's probe samples (NaN: not measurable).
+
+    features: raw teacher features of the probe samples (`.names`, `.available` [N, T], `.batch(idx)` ->
+    {teacher: (image, text)}); labels: each sample's class (None: unlabelled); modality: [N] modality index.
+    For teacher t and modality m, a class prototype is the L2-normalised mean of t's caption features of that
+    class's probe samples (those t has features for); each such image is classified by its most cosine-similar
+    prototype among m's classes; q[t, m] is the mean per-class recall, measurable when t has >= 2 classes of m.
+    Streams twice over the probe samples in chunks (class sums, then predictions): nothing sample-sized is held.
+    """
+    names = list(features.names)
+    n, T = len(labels), len(names)
+    modality = np.asarray(modality, dtype=np.int64)
+    gid = np.full(n, -1, np.int64)
+    class_mod: list[int] = []
+    for m in range(n_modalities):
+        members = np.flatnonzero(modality == m)
+        for c in sorted({labels[i] for i in members if labels[i] is not None}):
+            gid[[i for i in members if labels[i] == c]] = len(class_mod)
+            class_mod.append(m)
+    G = len(class_mod)
+    class_mod = np.asarray(class_mod, dtype=np.int64)
+    quality = np.full((T, n_modalities), np.nan)
+    if G == 0:
+        return quality
+    avail = np.asarray(features.available, dtype=bool) & (gid >= 0)[:, None]
+    sums: list[np.ndarray | None] = [None] * T
+    counts = np.zeros((T, G))
+    chunks = [np.arange(s, min(n, s + chunk)) for s in range(0, n, chunk)]
+    for sel in chunks:  # pass 1: per-class sums of caption features
+        if not avail[sel].any():
+            continue
+        parts = features.batch(sel)
+        for j, t in enumerate(names):
+            ok = avail[sel, j]
+            if ok.any():
+                txt, g = np.asarray(parts[t][1], np.float64)[ok], gid[sel][ok]
+                if sums[j] is None:
+                    sums[j] = np.zeros((G, txt.shape[1]))
+                np.add.at(sums[j], g, txt)
+                counts[j] += np.bincount(g, minlength=G)
+    protos = [None if s is None else s / np.maximum(np.linalg.norm(s, axis=1, keepdims=True), 1e-12) for s in sums]
+    correct, total = np.zeros((T, G)), np.zeros((T, G))
+    for sel in chunks:  # pass 2: nearest prototype of each image
+        if not avail[sel].any():
+            continue
+        parts = features.batch(sel)
+        for j, t in enumerate(names):
+            ok = avail[sel, j]
+            if not ok.any():
+                continue
+            img, g = np.asarray(parts[t][0], np.float64)[ok], gid[sel][ok]
+            scores = img @ protos[j].T  # [b, G]
+            allowed = (class_mod[None, :] == class_mod[g][:, None]) & (counts[j] > 0)[None, :]
+            pred = np.where(allowed, scores, -np.inf).argmax(1)
+            correct[j] += np.bincount(g[pred == g], minlength=G)
+            total[j] += np.bincount(g, minlength=G)
+    for j in range(T):
+        for m in range(n_modalities):
+            gs = np.flatnonzero((class_mod == m) & (total[j] > 0))
+            if len(gs) >= 2:
+                quality[j, m] = float(np.mean(correct[j, gs] / total[j, gs]))
+    return quality
+
+
+def routed_scores(quality: np.ndarray, temperature: float) -> np.ndarray:
+    """[M, T] softmax logits quality[t, m] / temperature. A teacher whose quality on m was not measurable counts
+    as the worst measured teacher of m (no evidence it is good there); a modality with none measured: all equal."""
+    q = np.asarray(quality, dtype=np.float64).T.copy()  # [M, T]
+    for m in range(len(q)):
+        known = np.isfinite(q[m])
+        q[m, ~known] = q[m, known].min() if known.any() else 0.0
+    return q / temperature
+
+
+def routed_weights(quality: np.ndarray, routed: np.ndarray, temperature: float) -> np.ndarray:
+    """[M, T] the weight table: w[m, t] = softmax over the teachers routed to m of quality[t, m] / temperature,
+    0 for teachers not routed to m (a modality no teacher is declared for uses every teacher, as eligibility
+    does). A sample's own weights are this row renormalised over the teachers that have features for it."""
+    scores = routed_scores(quality, temperature)
+    routed = np.asarray(routed, dtype=bool).copy()
+    routed[~routed.any(1)] = True
+    s = np.where(routed, scores, -np.inf)
+    s = np.exp(s - s.max(1, keepdims=True))
+    return s / s.sum(1, keepdims=True)
