@@ -249,6 +249,8 @@ class ValidateCfg(Strict):
     max_near_duplicate_fraction: float = Field(0.0, ge=0, le=1, description="per evaluation dataset, the share of "
                                                "its images with a near duplicate (curation's rule) in the train split")
     fail_on_error: bool = True
+    chunk_rows: int = Field(10_000, ge=1, description="manifest records per Great Expectations batch: validation "
+                            "streams the manifest, so its peak memory is set by this, not by the corpus size")
 
     @model_validator(mode="before")
     @classmethod

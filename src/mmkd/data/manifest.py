@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Iterable
+from typing import Iterable, Iterator
 
 
 class ManifestError(ValueError):
@@ -13,10 +13,14 @@ class ManifestError(ValueError):
 
 def read_manifest(path: Path) -> list[dict]:
     """Every record of a JSONL file; the first line that is not a JSON object raises ManifestError naming it."""
+    return list(iter_manifest(path))
+
+
+def iter_manifest(path: Path) -> Iterator[dict]:
+    """read_manifest one record at a time (memory bounded by one line); the same errors, raised when reached."""
     path = Path(path)
     if not path.exists():
         raise ManifestError(f"{path}: manifest not found")
-    out = []
     with open(path, encoding="utf-8") as fh:
         for no, raw in enumerate(fh, start=1):
             if not raw.strip():
@@ -27,8 +31,7 @@ def read_manifest(path: Path) -> list[dict]:
                 raise ManifestError(f"{path}:{no}: invalid JSON: {exc.msg} (col {exc.colno})") from None
             if not isinstance(rec, dict):
                 raise ManifestError(f"{path}:{no}: expected a JSON object, got {type(rec).__name__}")
-            out.append(rec)
-    return out
+            yield rec
 
 
 def write_jsonl(path: Path, records: Iterable[dict]) -> int:
