@@ -267,3 +267,216 @@ def test_a_teacher_unlike_the_views_gets_its_own_preprocessing_from_the_shards(s
     store = FeatureStore(tmp_path / "store")
     got, _ = store.gather(*store.locate("rad", enc.version, np.array([r["key"] for r in records], dtype="S32")), 160)
     assert np.allclose(got, enc.encode_pil(pil), atol=1e-5)
+
+
+# ---------------------------------------------------------------------- the key index (keyindex.py)
+
+def _small_runs(monkeypatch) -> None:
+    """Merges after 2 runs, 5-row read blocks, a fence every 4 keys, searches 2 blocks at a time: every path of the
+    key index on a few rows."""
+    from mmkd.features import keyindex
+
+    monkeypatch.setattr(keyindex, "SEARCH_BLOCKS", 2)
+    monkeypatch.setattr(keyindex, "FANOUT", 2)
+    monkeypatch.setattr(keyindex, "BLOCK", 5)
+    monkeypatch.setattr(keyindex, "FENCE", 4)
+
+
+def _keys(rng, n: int) -> np.ndarray:
+    return np.array([rng.bytes(16).hex() for _ in range(n)], dtype="S32")
+
+
+def _commit(root: Path, store: FeatureStore, unit: str, keys: np.ndarray) -> None:
+    rows = np.ones((len(keys), 1), np.float32)
+    write_shard(root, "t", "v1", unit, keys, rows, rows, 1, "float32")
+    store.commit("t", "v1", unit)
+
+
+def test_the_key_index_answers_as_the_sqlite_rows_table_did(tmp_path, monkeypatch):
+    """Same (shard, row) as the old layout's rows table (INSERT OR REPLACE per commit, DELETE per dropped shard) for
+    keys in any order, absent ones and repeated ones, through binary searches and whole-run scans, across merges."""
+    import sqlite3
+
+    _small_runs(monkeypatch)
+    rng = np.random.default_rng(7)
+    old = sqlite3.connect(":memory:")
+    old.execute("CREATE TABLE rows (key BLOB PRIMARY KEY, shard INTEGER, row INTEGER)")
+    store = FeatureStore(tmp_path, create=True)
+    store.register_set("t", "v1", 1, "float32")
+    every = []
+    for u in range(11):
+        keys = _keys(rng, int(rng.integers(1, 10)))
+        if u == 7:  # a key committed again in a later shard: the later row wins, as REPLACE did
+            keys[0] = every[3]
+        _commit(tmp_path, store, f"u{u}", keys)
+        sid = store.db.execute("SELECT id FROM shards WHERE unit=?", (f"u{u}",)).fetchone()[0]
+        old.executemany("INSERT OR REPLACE INTO rows VALUES (?,?,?)", [(bytes.fromhex(k.decode()), sid, i)
+                                                                       for i, k in enumerate(keys)])
+        every += keys.tolist()
+    dropped = store.db.execute("SELECT id FROM shards WHERE unit='u2'").fetchone()[0]
+    store.drop_shard(dropped)
+    old.execute("DELETE FROM rows WHERE shard=?", (dropped,))
+    assert len(store.index.runs("t", "v1")) < 11  # merged
+
+    def expected(q):
+        got = [old.execute("SELECT shard, row FROM rows WHERE key=?", (bytes.fromhex(k.decode()),)).fetchone()
+               for k in q]
+        return np.array([g or (-1, -1) for g in got]).T
+
+    absent = _keys(rng, 5).tolist()
+    query = np.array(every + absent + every[:4], dtype="S32")[rng.permutation(len(every) + 9)]
+    for q in [query, *np.array_split(query, len(query) // 3)]:  # scans (many keys) and fence searches (few)
+        shard, row = store.index.lookup("t", "v1", q)
+        assert (np.stack([shard, row]) == expected(q)).all()
+    live = expected(query)[0] >= 0
+    assert store.present("t", "v1", [k.decode() for k in query]) == {k.decode() for k in query[live]}
+    assert (store.locate("t", "v1", query)[0] >= 0).sum() == live.sum()
+    problems = store.verify()  # as the old check did: u0's key that a later shard took is not at its row
+    assert len(problems) == 1 and "u0.keys.npy: 1 of its" in problems[0]
+
+
+@pytest.fixture()
+def shm_dir(tmp_path):
+    """In memory (/dev/shm) where there is one: a SIGKILL loses no page-cache data, so fsyncs protect nothing here."""
+    import shutil
+    import tempfile
+
+    if not os.path.isdir("/dev/shm"):
+        yield tmp_path
+        return
+    folder = Path(tempfile.mkdtemp(prefix="mmkd-keyindex-kills-", dir="/dev/shm"))
+    yield folder
+    shutil.rmtree(folder, ignore_errors=True)
+
+
+def test_a_kill_at_any_write_of_the_key_index_leaves_a_store_the_next_run_completes(shm_dir, monkeypatch):
+    """SIGKILL at every rename (before or after it) and every transaction's end of committing 6 shards with merges:
+    the next run (adopt, then commit what is missing) finds every key at its row, verify passes, no stray files."""
+    import shutil
+    import signal
+
+    tmp_path = shm_dir
+    _small_runs(monkeypatch)
+    units = [(f"u{u}", _keys(np.random.default_rng(u), 3 + u)) for u in range(6)]
+
+    def run(root: Path, kill_at: int) -> None:
+        store = FeatureStore(root, create=True)
+        store.register_set("t", "v1", 1, "float32")
+        seen = [0]
+
+        def event():
+            seen[0] += 1
+            if seen[0] == kill_at:
+                os.kill(os.getpid(), signal.SIGKILL)
+
+        real_replace = os.replace
+
+        def replace(src, dst):
+            if seen[0] % 2:
+                real_replace(src, dst)
+                return event()
+            event()
+            return real_replace(src, dst)
+
+        class Counted:
+            def __init__(self, db):
+                self._db = db
+
+            def __getattr__(self, name):
+                return getattr(self._db, name)
+
+            def __enter__(self):
+                return self._db.__enter__()
+
+            def __exit__(self, *exc):
+                if exc[0] is None:
+                    event()
+                return self._db.__exit__(*exc)
+
+        if kill_at:  # < 0: count the events, never kill
+            os.replace = replace
+            store.db = store.index.db = Counted(store.db)
+        for unit, keys in units:
+            _commit(root, store, unit, keys)
+        return seen[0]
+
+    real_replace = os.replace
+    try:
+        total = run(tmp_path / "clean", -1)
+    finally:
+        os.replace = real_replace
+    assert len(FeatureStore(tmp_path / "clean").index.runs("t", "v1")) < len(units) and total > 40
+    for k in range(1, total + 1):
+        root = tmp_path / f"k{k}"
+        pid = os.fork()
+        if pid == 0:
+            try:
+                run(root, k)
+            finally:
+                os._exit(0)
+        status = os.waitpid(pid, 0)[1]
+        assert os.WIFSIGNALED(status), f"event {k}: not killed"
+        store = FeatureStore(root, create=True)
+        store.register_set("t", "v1", 1, "float32")
+        store.adopt()
+        listed = {u for (u,) in store.db.execute("SELECT unit FROM shards")}
+        for unit, keys in units:
+            if unit not in listed:
+                _commit(root, store, unit, keys)
+        for unit, keys in units:
+            sid = store.db.execute("SELECT id FROM shards WHERE unit=?", (unit,)).fetchone()[0]
+            shard, row = store.locate("t", "v1", keys)
+            assert (shard == sid).all() and (row == np.arange(len(keys))).all(), f"kill at event {k}: {unit}"
+        assert store.verify() == [], f"kill at event {k}"
+        runs = {f"{i:010d}" for i, *_ in store.index.runs("t", "v1")}
+        stray = [p.name for p in (root / "keyindex" / "t" / "v1").iterdir() if p.name.split(".")[0] not in runs]
+        assert not stray, f"kill at event {k}: {stray}"
+        store.close()
+        shutil.rmtree(root)
+
+
+def test_an_index_from_before_the_key_index_is_converted_on_open(tmp_path):
+    """A store whose index.sqlite has the old rows table (and no runs): opened, it gets runs from its shards' keys
+    and loses the table; every key is found at its row."""
+    import sqlite3
+
+    rng = np.random.default_rng(3)
+    store = FeatureStore(tmp_path, create=True)
+    store.register_set("t", "v1", 1, "float32")
+    units = [(f"u{u}", _keys(rng, 4)) for u in range(3)]
+    for unit, keys in units:
+        _commit(tmp_path, store, unit, keys)
+    store.close()
+    db = sqlite3.connect(tmp_path / "index.sqlite")
+    with db:
+        db.execute("DELETE FROM runs")
+        db.execute("CREATE TABLE rows (teacher TEXT, version TEXT, key BLOB, shard INTEGER, row INTEGER, "
+                   "PRIMARY KEY (teacher, version, key)) WITHOUT ROWID")
+    db.close()
+    for f in (tmp_path / "keyindex" / "t" / "v1").iterdir():
+        f.unlink()
+    store = FeatureStore(tmp_path)
+    assert not store.db.execute("SELECT name FROM sqlite_master WHERE name='rows'").fetchone()
+    for unit, keys in units:
+        sid = store.db.execute("SELECT id FROM shards WHERE unit=?", (unit,)).fetchone()[0]
+        assert store.locate("t", "v1", keys)[0].tolist() == [sid] * 4
+    assert store.verify() == []
+
+
+def test_a_damaged_key_index_run_is_refused_naming_it_and_rebuilt_from_the_shards(tmp_path):
+    rng = np.random.default_rng(5)
+    store = FeatureStore(tmp_path, create=True)
+    store.register_set("t", "v1", 1, "float32")
+    keys = _keys(rng, 6)
+    _commit(tmp_path, store, "u0", keys)
+    store.close()
+    loc = next((tmp_path / "keyindex" / "t" / "v1").glob("*.loc"))
+    data = bytearray(loc.read_bytes())
+    data[4] ^= 0x01  # the first entry's row: another sample's features, were it not checked
+    loc.write_bytes(bytes(data))
+    store = FeatureStore(tmp_path)
+    with pytest.raises(FeatureError, match=rf"{loc}: sha256"):
+        store.locate("t", "v1", keys)
+    assert [p for p in store.verify() if str(loc) in p]
+    assert store.reindex_damaged() == ["t@v1"] and store.verify() == [] and not loc.exists()
+    assert (store.locate("t", "v1", keys)[1] == np.arange(6)).all()

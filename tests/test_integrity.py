@@ -95,17 +95,25 @@ def test_keys_are_checked_against_the_index_rows(tmp_path):
         read_all(tmp_path)
     np.save(keys_file, keys)
     read_all(tmp_path)
-    db = sqlite3.connect(tmp_path / "index.sqlite")
-    with db:  # the index itself disagrees: a row points at another row of the shard, one row is gone
-        db.execute("UPDATE rows SET row = (row + 1) % 6 WHERE shard = (SELECT id FROM shards WHERE unit = 'u0')")
-        db.execute("DELETE FROM rows WHERE key = ?", (bytes.fromhex(f"01{3:030x}"),))
-    db.close()
+    store = FeatureStore(tmp_path)  # the key index itself disagrees: u0's rows shifted by one, a key of u1 gone
+    index = store.index
+    k, loc = (np.concatenate(x) for x in zip(*index._merged("rad", "v1", index.runs("rad", "v1"),
+                                                             index.live("rad", "v1"))))
+    u0 = loc[:, 0] == store.db.execute("SELECT id FROM shards WHERE unit = 'u0'").fetchone()[0]
+    loc[u0, 1] = (loc[u0, 1] + 1) % 6
+    keep = k != bytes.fromhex(f"01{3:030x}")
+    with store.db:
+        store.db.execute("DELETE FROM runs")
+        index._write("rad", "v1", 0, [(k[keep], loc[keep])])
+    store.close()
     problems = FeatureStore(tmp_path).verify()
-    assert any(f"{keys_file}: 6 of the index's 6 keys of this shard are not at their row" in p for p in problems)
-    assert any(f"{shard_file(tmp_path, 'u1', 'keys')}: 6 keys, the index lists 6 rows for the shard and 5" in p
-               for p in problems)
-    with pytest.raises(FeatureError, match="not at their row"):
-        read_all(tmp_path)
+    assert any(f"{keys_file}: 6 of its 6 keys are not at their row in the key index" in p for p in problems)
+    assert any(f"{shard_file(tmp_path, 'u1', 'keys')}: 1 of its 6 keys are not at their row" in p for p in problems)
+    store = FeatureStore(tmp_path)
+    with pytest.raises(FeatureError, match=rf"{keys_file}: 6 of the 6 keys .* not at their row"):
+        store.locate("rad", "v1", keys)
+    assert store.reindex_damaged() == ["rad@v1"] and store.verify() == []
+    assert (store.locate("rad", "v1", keys)[1] == np.arange(6)).all()
 
 
 def test_an_uncommitted_shard_is_adopted_only_if_its_bytes_match_what_was_written(tmp_path):

@@ -64,6 +64,8 @@ def verify_features(label: str, folder: Path, report: Report, repair: bool = Fal
                                 f"{len(leftovers)} partial file(s), left by a killed run; the next run adopts or "
                                 "deletes them")
         if repair and found:
+            for name in store.reindex_damaged():  # first: dropping a shard rewrites the set's key index
+                report.notes.append(f"{folder}: rebuilt the key index of {name} from its shards' keys")
             for sid in store.damaged():
                 report.notes.append(f"{folder}: dropped damaged shard {store.drop_shard(sid)}; re-run "
                                     + ("cache_features" if label == "teachers" else "align") + " to recompute it")

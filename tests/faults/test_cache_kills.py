@@ -139,7 +139,7 @@ def committed_rows(store_root: Path) -> int:
         return 0
     db = sqlite3.connect(store_root / "index.sqlite")
     try:
-        return db.execute("SELECT COUNT(*) FROM rows").fetchone()[0]
+        return db.execute("SELECT COALESCE(SUM(rows), 0) FROM shards").fetchone()[0]
     except sqlite3.OperationalError:  # killed before the schema was committed
         return 0
     finally:

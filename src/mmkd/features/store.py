@@ -2,18 +2,23 @@
 
 Layout of a store folder (artifacts/features/teachers for raw teacher features, .../aligned for projections):
   index.sqlite                       sets(teacher, version, dim, dtype, meta), shards(id, teacher, version, unit,
-                                     rows, sums), rows(teacher, version, key -> shard, row)
+                                     rows, sums), runs(id, teacher, version, level, rows, sums)
+  keyindex/<teacher>/<version>/<run>.keys, .loc, .fence   the key index: sorted runs of content hash -> (shard,
+                                     row), 24 bytes a row (keyindex.py)
   shards/<teacher>/<version>/<unit>.image.npy   [n, dim] L2-normalised image embeddings (float16 or float32)
   shards/<teacher>/<version>/<unit>.text.npy    [n, dim] caption embeddings, same rows
   shards/<teacher>/<version>/<unit>.sums.json   size and sha256 of the three files, as the writer wrote them
   shards/<teacher>/<version>/<unit>.keys.npy    [n] the samples' content hashes (the curated `key`), written last
-A shard becomes visible only when whole: its files are written under .tmp names and renamed, keys last;
-its rows and checksums enter the index in one transaction afterwards. A kill in between leaves a complete shard
-the index does not list yet; `adopt` checks it against its sums and commits it on the next run. Rows are keyed
+A shard becomes visible only when whole: its files are written under .tmp names and renamed, keys last; its
+checksums and its key index run enter the index in one transaction afterwards. A kill in between leaves a complete
+shard the index does not list yet; `adopt` checks it against its sums and commits it on the next run. Rows are keyed
 by (content hash, teacher, version), so a re-curated corpus or a retrained teacher never reads stale features.
-A shard is checked when this process first opens it (`arrays`): sizes, headers and sha256 against the index,
-and keys.npy against the index's rows; a flipped byte or a truncated file is a FeatureError naming the file.
-`verify` checks every shard of the store whatever this process has already checked (checks.py).
+A shard is checked when this process first opens it (`arrays`): sizes, headers and sha256 against the index; a key
+index run when first searched (sizes, and sha256 with hash_on_open); `locate` confirms each answer against the
+shard's keys.npy (checked against its sums first). A flipped byte or a truncated file is a FeatureError naming the
+file. `verify` checks every shard and run whatever this process has already checked (checks.py), and that the key
+index finds every shard's keys at their rows. An index from before the key index (a SQLite `rows` table, ~72 bytes
+a row, its inserts and lookups slowing down past a few million rows) is converted when first opened.
 """
 
 from __future__ import annotations
@@ -26,8 +31,10 @@ from pathlib import Path
 
 import numpy as np
 
-from mmkd.features.checks import (FeatureError, KEY_DTYPE, add_checksums, check_keys, check_shard,  # noqa: F401
+from mmkd.features.checks import (FeatureError, KEY_DTYPE, add_checksums, check_shard,  # noqa: F401
                                   read_sums, set_digest, sums_of_files)
+from mmkd.features.keyindex import KeyIndex
+from mmkd.features.upkeep import StoreUpkeep
 from mmkd.features.shards import DTYPES, ShardWriter, validate_rows, write_shard  # noqa: F401 (the store's API)
 from mmkd.features.reader import TeacherFeatures  # noqa: F401 (the store's API)
 
@@ -35,7 +42,7 @@ log = logging.getLogger("mmkd")
 PARTS = (".image.npy", ".text.npy", ".sums.json")  # a shard's files but keys.npy, which is renamed last
 
 
-class FeatureStore:
+class FeatureStore(StoreUpkeep):
     """One store folder: its SQLite index and shard files. Open with create=True to make it.
 
     hash_on_open: check each shard's sha256 when this process first opens it (else sizes, headers and keys only;
@@ -53,15 +60,40 @@ class FeatureStore:
                                              PRIMARY KEY (teacher, version));
             CREATE TABLE IF NOT EXISTS shards (id INTEGER PRIMARY KEY, teacher TEXT, version TEXT, unit TEXT,
                                                rows INTEGER, UNIQUE (teacher, version, unit));
-            CREATE TABLE IF NOT EXISTS rows (teacher TEXT, version TEXT, key BLOB, shard INTEGER, row INTEGER,
-                                             PRIMARY KEY (teacher, version, key)) WITHOUT ROWID;
-            CREATE INDEX IF NOT EXISTS rows_by_shard ON rows (shard, row);
         """)
         self.hash_on_open = hash_on_open
         self._maps: dict[int, tuple[np.ndarray, np.ndarray]] = {}
         self._mmaps: list[np.memmap] = []
+        self._keys_ok: set[int] = set()  # shards whose keys.npy `confirm` checked
         if "sums" not in {c[1] for c in self.db.execute("PRAGMA table_info(shards)")}:
             add_checksums(self.db, self._prefix)
+        self.index = KeyIndex(self.db, self.root, hash_on_open)
+        self.db.commit()
+        if self.db.execute("SELECT name FROM sqlite_master WHERE name='rows'").fetchone():
+            self._convert()
+
+    def _convert(self) -> None:
+        """An index written before the key index: build each set's runs from its shards' keys.npy (the files the
+        rows table was made from, checked against their sums), then drop the rows table, in one transaction."""
+        self.db.execute("BEGIN IMMEDIATE")  # one process converts; another waits, then finds no rows table
+        try:
+            if self.db.execute("SELECT name FROM sqlite_master WHERE name='rows'").fetchone():
+                for s in self.sets():
+                    self.rebuild_index(s["teacher"], s["version"])
+                self.db.execute("DROP TABLE rows")
+            self.db.commit()
+        except BaseException:
+            self.db.rollback()
+            raise
+        for s in self.sets():
+            self.index.compact(s["teacher"], s["version"])
+
+    def reindex(self, teacher: str, version: str) -> None:
+        """Rebuild a set's key index from its shards' keys.npy (a damaged or lost run)."""
+        with self.db:
+            old = self.rebuild_index(teacher, version)
+        self.index.remove_files(teacher, version, old)
+        self.index.compact(teacher, version)
 
     def _prefix(self, teacher: str, version: str, unit: str) -> Path:
         return self.root / "shards" / teacher / version / unit
@@ -98,12 +130,10 @@ class FeatureStore:
 
     def present(self, teacher: str, version: str, keys: list[str]) -> set[str]:
         """Which of `keys` (hex) already have features of this teacher version."""
-        out: set[str] = set()
-        for i in range(0, len(keys), 900):  # SQLite's bound-variable limit
-            chunk = [bytes.fromhex(k) for k in keys[i : i + 900]]
-            q = f"SELECT key FROM rows WHERE teacher=? AND version=? AND key IN ({','.join('?' * len(chunk))})"
-            out.update(k.hex() for (k,) in self.db.execute(q, (teacher, version, *chunk)))
-        return out
+        if not len(keys):
+            return set()
+        shard, _ = self.index.lookup(teacher, version, np.array(keys, dtype=KEY_DTYPE))
+        return {k for k, s in zip(keys, shard.tolist()) if s >= 0}
 
     def commit(self, teacher: str, version: str, unit: str, hashed: bool = False) -> int:
         """Enter a written shard's rows and checksums into the index (idempotent); returns its row count. The shard
@@ -123,10 +153,10 @@ class FeatureStore:
         with self.db:
             cur = self.db.execute("INSERT OR IGNORE INTO shards (teacher, version, unit, rows, sums) VALUES "
                                   "(?,?,?,?,?)", (teacher, version, unit, len(keys), json.dumps(sums, sort_keys=True)))
-            sid = cur.lastrowid if cur.rowcount else self.db.execute(
-                "SELECT id FROM shards WHERE teacher=? AND version=? AND unit=?", (teacher, version, unit)).fetchone()[0]
-            self.db.executemany("INSERT OR REPLACE INTO rows VALUES (?,?,?,?,?)",
-                                ((teacher, version, bytes.fromhex(k.decode()), sid, i) for i, k in enumerate(keys)))
+            if cur.rowcount:  # new: its run is written and listed in this transaction (listed already: nothing to do)
+                self.index.add(teacher, version, cur.lastrowid, keys)
+        if cur.rowcount:
+            self.index.compact(teacher, version)
         return len(keys)
 
     def adopt(self) -> dict:
@@ -155,6 +185,7 @@ class FeatureStore:
             if unit is not None and not (part.parent / f"{unit}.keys.npy").exists():
                 part.unlink()
                 removed += 1
+        removed += self.index.sweep()
         out = {"adopted_shards": adopted, "removed_partial_files": removed}
         return {**out, "discarded_shards": discarded} if discarded else out
 
@@ -165,15 +196,16 @@ class FeatureStore:
             if (s["teacher"], s["version"]) in keep:
                 continue
             with self.db:
-                for table in ("rows", "shards", "sets"):
+                for table in ("runs", "shards", "sets"):
                     self.db.execute(f"DELETE FROM {table} WHERE teacher=? AND version=?", (s["teacher"], s["version"]))
-            folder = self.root / "shards" / s["teacher"] / s["version"]
-            for f in folder.glob("*"):
-                f.unlink()
             self._maps.clear()
             self._mmaps.clear()
-            if folder.exists():
-                folder.rmdir()
+            for folder in (self.root / "shards" / s["teacher"] / s["version"],
+                           self.root / "keyindex" / s["teacher"] / s["version"]):
+                for f in folder.glob("*"):
+                    f.unlink()
+                if folder.exists():
+                    folder.rmdir()
             gone.append(f"{s['teacher']}@{s['version']}")
         self._maps.clear()
         return gone
@@ -183,19 +215,8 @@ class FeatureStore:
     def locate(self, teacher: str, version: str, keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Shard id and row of each key (S32 array); -1 where this teacher version has no features for it."""
         keys = np.asarray(keys, dtype=KEY_DTYPE)
-        order = np.argsort(keys, kind="stable")
-        ordered = keys[order]
-        shard = np.full(len(keys), -1, np.int64)
-        row = np.full(len(keys), -1, np.int64)
-        cur = self.db.execute("SELECT key, shard, row FROM rows WHERE teacher=? AND version=?", (teacher, version))
-        while batch := cur.fetchmany(65536):  # streamed: the whole index is never in memory at once
-            k = np.array([b.hex().encode() for b, _, _ in batch], dtype=KEY_DTYPE)
-            pos = np.searchsorted(ordered, k)
-            hit = pos < len(ordered)
-            hit[hit] = ordered[pos[hit]] == k[hit]
-            vals = np.array([(s, r) for _, s, r in batch], dtype=np.int64)
-            shard[order[pos[hit]]] = vals[hit, 0]
-            row[order[pos[hit]]] = vals[hit, 1]
+        shard, row = self.index.lookup(teacher, version, keys)
+        self.confirm(keys, shard, row)
         return shard, row
 
     def _shard(self, shard_id: int) -> tuple[str, str, str, int, dict | None]:
@@ -207,16 +228,11 @@ class FeatureStore:
         return t, v, u, n, json.loads(sums) if sums else None
 
     def check(self, shard_id: int, hashed: bool = True) -> list[str]:
-        """What is wrong with one shard: its files against the index's sums (sha256 if `hashed`), and keys.npy
-        against the index's rows (count and content); each problem names the file."""
+        """What is wrong with one shard: its files against the index's sums (sha256 if `hashed`; keys.npy's is
+        the one its key index run was made from); each problem names the file."""
         t, v, u, n, sums = self._shard(shard_id)
         info = self.set_info(t, v)
-        prefix = self._prefix(t, v, u)
-        problems = check_shard(prefix, n, info["dim"], info["dtype"], sums, hashed)
-        if problems:
-            return problems
-        rows = self.db.execute("SELECT key, row FROM rows WHERE shard=?", (int(shard_id),))
-        return check_keys(Path(f"{prefix}.keys.npy"), n, rows)
+        return check_shard(self._prefix(t, v, u), n, info["dim"], info["dtype"], sums, hashed)
 
     def shard_keys(self, shard_id: int) -> np.ndarray:
         """The S32 keys of one shard's rows, once the shard passed its check."""
@@ -263,40 +279,6 @@ class FeatureStore:
             r = row[sel]
             img[sel], txt[sel] = a_img[r], a_txt[r]
         return img, txt
-
-    # ------------------------------------------------------------------ integrity
-
-    def verify(self) -> list[str]:
-        """Check every shard fully (sha256 of every file, keys against the index) whatever this process already
-        checked; returns the problems, each naming a file ([] if the store is sound)."""
-        from mmkd.features import checks
-
-        checks._VERIFIED.clear()  # verify re-reads every byte: a file may have changed since this process hashed it
-        problems = []
-        for (sid,) in self.db.execute("SELECT id FROM shards ORDER BY id").fetchall():
-            try:
-                problems += self.check(sid, hashed=True)
-            except FeatureError as exc:
-                problems.append(str(exc))
-        for (sid, n) in self.db.execute("SELECT r.shard, COUNT(*) FROM rows r LEFT JOIN shards s ON s.id = r.shard "
-                                        "WHERE s.id IS NULL GROUP BY r.shard"):
-            problems.append(f"{self.root / 'index.sqlite'}: {n} rows point at shard {sid}, which it does not list")
-        return problems
-
-    def damaged(self) -> list[int]:
-        """Ids of the shards that fail their full check."""
-        return [sid for (sid,) in self.db.execute("SELECT id FROM shards ORDER BY id").fetchall() if self.check(sid)]
-
-    def drop_shard(self, shard_id: int) -> str:
-        """Remove one shard (index rows and files): its rows count as missing, so the next run recomputes them."""
-        t, v, u, _, _ = self._shard(shard_id)
-        with self.db:
-            self.db.execute("DELETE FROM rows WHERE shard=?", (int(shard_id),))
-            self.db.execute("DELETE FROM shards WHERE id=?", (int(shard_id),))
-        self._maps.pop(shard_id, None)
-        for f in self._prefix(t, v, u).parent.glob(f"{u}.*"):
-            f.unlink()
-        return f"{t}@{v}/{u}"
 
     def set_digest(self, teacher: str, version: str) -> str:
         """A hash of a feature set's checksums: what a training run that reads it is fingerprinted by."""
