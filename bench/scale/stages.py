@@ -87,7 +87,7 @@ def align(work: Path, args) -> dict:
 
     from mmkd.data.splits import SPLITS
     from mmkd.data.store import split_records
-    from mmkd.features.align import Split, student_embeddings
+    from mmkd.features.align import KeyModality, Split, student_embeddings
     from mmkd.features.align import align as run
     from mmkd.features.store import FeatureStore
     from mmkd.models.factory import model_config
@@ -106,13 +106,14 @@ def align(work: Path, args) -> dict:
 
     records, train = split("train")
     _, probe = split("probe")
-    student = student_embeddings(work / "stage1", work / "curated", records, torch.device("cpu"))
-    modality_of = {r["key"].encode(): r["modality"] or "unknown"
-                   for name in SPLITS for r in split_records(work / "curated", name, ("key", "modality"))}
+    student = student_embeddings(work / "stage1", work / "curated", records, torch.device("cpu"),
+                                 work / "align-student")  # on disk, read back by chunk (as the step does)
+    pairs, records = len(records), None  # captions: only the embeddings needed them (the step drops them too)
+    modality_of = KeyModality.read(work / "curated", SPLITS)  # as the step builds it
     domains = {t: list(p.synth.modalities) for t, _ in sets}
     run(work / "teachers", sets, train, work / "aligned", model_config(p.pretrain.model)["embed_dim"], p.align,
         p.seed, features_params().dtype, domains, student, probe, modality_of)
-    return {"pairs": len(records), "disk_bytes": disk_bytes(work / "aligned"),
+    return {"pairs": pairs, "disk_bytes": disk_bytes(work / "aligned"),
             "index_bytes": (work / "aligned" / "index.sqlite").stat().st_size}
 
 

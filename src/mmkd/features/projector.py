@@ -91,11 +91,17 @@ def _contrast(z: torch.Tensor, target: torch.Tensor, temperature: float = 0.1) -
 class Pull:
     """The autoencoder's optional contrastive pulls on its latent: toward the stage-1 student's embedding of the same
     pair (anchor) and toward the other teachers' projections of it (consistency). Row r of teacher t's rows is
-    sample index[t][r % n_t] of the common train list (image rows, then text rows, as StoreRows lays them out)."""
+    sample index[t][r % n_t] of the common train list (image rows, then text rows, as StoreRows lays them out).
+    student: its (image, text) embeddings of the common list (arrays, or features.student.StudentRows: a batch's rows
+    are read per step), or one [2N, d] tensor of image rows then text rows; None: no anchor."""
 
-    def __init__(self, features: dict, index: dict[str, np.ndarray], student: torch.Tensor | None,
-                 eligible: dict[str, np.ndarray]):
-        self.features, self.index, self.student, self.eligible = features, index, student, eligible
+    def __init__(self, features: dict, index: dict[str, np.ndarray], student, eligible: dict[str, np.ndarray]):
+        from mmkd.features.student import as_rows
+
+        if isinstance(student, torch.Tensor):
+            student = (student[: len(student) // 2].numpy(), student[len(student) // 2 :].numpy())
+        self.student = None if student is None else as_rows(student)
+        self.features, self.index, self.eligible = features, index, eligible
         # where each common sample sits in every teacher's rows (-1: no features)
         n = len(next(iter(eligible.values())))
         self.where = {}
@@ -112,7 +118,8 @@ class Pull:
         z = F.normalize(model.encode(t, noisy), dim=-1)
         total = z.new_zeros(())
         if cfg.anchor_weight > 0 and self.student is not None:
-            y = self.student[torch.from_numpy(sample + is_text * (len(self.student) // 2))]
+            img, txt = self.student.rows(sample)
+            y = torch.from_numpy(np.where(is_text[:, None], txt, img))
             total = total + cfg.anchor_weight * _contrast(z, y)
         if cfg.consistency_weight > 0:
             for o in self.features:
@@ -195,22 +202,27 @@ def load_projector(folder: Path) -> nn.Module:
     return model.eval()
 
 
-def fit_maps(source, student: tuple[np.ndarray, np.ndarray], modality: np.ndarray, domains: dict[str, list[str]],
-             method: str, cfg: AlignCfg, chunk: int = 16384) -> LinearMaps:
+def fit_maps(source, student, modality: np.ndarray, domains: dict[str, list[str]], method: str, cfg: AlignCfg,
+             chunk: int = 4096) -> LinearMaps:
     """Orthogonal maps of every teacher into the stage-1 student's space, fitted on the train pairs.
 
     source: the teachers' raw train features (features.reader.TeacherFeatures: `.names`, `.dims`, `.available`
-    [N, T], `.batch(idx)`); student: its unit image and text embeddings of the same N pairs; modality: [N] names.
+    [N, T], `.batch(idx)`); student: its unit image and text embeddings of the same N pairs (an (image, text) pair
+    of [N, d] arrays, or features.student.StudentRows read chunk by chunk); modality: [N] names.
     `procrustes`: one map per teacher, its raw image and text rows onto the student's (every row it has).
     `shared`: one map per teacher and declared modality (and one `*` map over all of them), fitted on that
     modality's rows with each teacher's and the student's modality means removed first (per kind: image, text),
     so that the within-modality structure, which the modality cluster otherwise outweighs, is what is aligned;
     then `cfg.iterations` refits onto a consensus: the student's centred row plus `cfg.consensus_weight` times
     each other teacher's current projection of the same row, for the teachers that declare the row's modality
-    (generalised Procrustes anchored on the student). Streams over the rows in chunks.
+    (generalised Procrustes anchored on the student). Streams over the rows in chunks of `chunk`: one pass for the
+    means, one per refit; what is held is a chunk and the d x d cross-covariances, whatever N is.
     """
+    from mmkd.features.student import as_rows
+
+    student = as_rows(student)
     names, dims = list(source.names), dict(zip(source.names, source.dims))
-    latent = int(student[0].shape[1])
+    latent = int(student.dim)
     mods = np.asarray(modality).astype(str)
     kinds, mi = np.unique(mods, return_inverse=True)
     n = len(mods)
@@ -230,22 +242,23 @@ def fit_maps(source, student: tuple[np.ndarray, np.ndarray], modality: np.ndarra
     if method == "shared":  # pass 1: the means removed (teachers: over their fitted rows; student: over all rows)
         counts = {t: np.zeros(len(kinds)) for t in names}
         for sel in chunks:
-            parts = source.batch(sel)
+            parts, mine = source.batch(sel), student.rows(sel)
             for t in names:
                 ok = fit[t][sel]
                 for k in (0, 1):
                     np.add.at(mu[t][:, k], mi[sel][ok], np.asarray(parts[t][k], np.float64)[ok])
                 counts[t] += np.bincount(mi[sel][ok], minlength=len(kinds))
+            for k in (0, 1):
+                np.add.at(nu[:, k], mi[sel], np.asarray(mine[k], np.float64))
         mu = {t: mu[t] / np.maximum(counts[t], 1)[:, None, None] for t in names}
-        for k in (0, 1):
-            nu[:, k] = np.stack([np.asarray(student[k][mi == g], np.float64).mean(0) for g in range(len(kinds))])
+        nu /= np.bincount(mi, minlength=len(kinds))[:, None, None]  # every modality of `kinds` has rows
     weights: dict[tuple[str, str], np.ndarray] = {}
     for it in range(1 + (cfg.iterations if method == "shared" else 0)):
         cross = {(t, g): np.zeros((dims[t], latent)) for t in names for g in (ALL, *groups[t])}
         for sel in chunks:
-            parts = source.batch(sel)
+            parts, mine = source.batch(sel), student.rows(sel)
             for k in (0, 1):
-                y = np.asarray(student[k][sel], np.float64) - nu[mi[sel], k]
+                y = np.asarray(mine[k], np.float64) - nu[mi[sel], k]
                 x = {t: np.asarray(parts[t][k], np.float64) - mu[t][mi[sel], k] for t in names}
                 proj = {}
                 if it and cfg.consensus_weight > 0:

@@ -35,10 +35,22 @@ def _split(ctx: Context, name: str):
 
 
 def step_align(ctx: Context, run: StepRun) -> dict:
+    import shutil
+
+    # the stage-1 student's train embeddings go to disk here, beside the output (which align rebuilds whole) and
+    # are read back chunk by chunk; removed when the step ends (and at its start: a killed run's leftovers)
+    scratch = ctx.ws.aligned_features.parent / ".align-student"
+    shutil.rmtree(scratch, ignore_errors=True)
+    try:
+        return _align(ctx, run, scratch)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+
+
+def _align(ctx: Context, run: StepRun, scratch) -> dict:
     from mmkd.data.splits import SPLITS
-    from mmkd.data.store import split_records
     from mmkd.features import diagnostics
-    from mmkd.features.align import align, student_embeddings
+    from mmkd.features.align import KeyModality, align, student_embeddings
     from mmkd.models.factory import model_config
     from mmkd.steps.common import _device
 
@@ -50,14 +62,14 @@ def step_align(ctx: Context, run: StepRun) -> dict:
     student = None
     if p.align.method != "autoencoder" or p.align.anchor_weight > 0 or len(probe.keys):
         # the anchor of the shared space, and of the Procrustes baseline the diagnostic compares against
-        student = student_embeddings(ws.stage1, ws.curated, records, _device(ctx))
+        student = student_embeddings(ws.stage1, ws.curated, records, _device(ctx), scratch)
+    del records  # captions: only the embeddings needed them
     domains = {s.name: list(s.modalities) for s in p.teachers.registry}
-    modality_of = {}  # every curated key's modality: it picks the per-modality map that projects the key
-    for name in SPLITS:
-        for r in split_records(ws.curated, name, ("key", "modality")):
-            modality_of[r["key"].encode()] = r["modality"] or "unknown"
+    modality_of = KeyModality.read(ws.curated, SPLITS)  # it picks the per-modality map that projects each key
     stats = align(ws.teacher_features, current_sets(ctx), train, ws.aligned_features, latent, p.align, p.seed,
                   p.features.dtype, domains, student, probe if len(probe.keys) else None, modality_of)
+    if student is not None:
+        student.close()
     space = stats.pop("space", None)
     atomic.write_json(ws.aligned_features / "aligned.json",
                       {"projector": stats["projector"], "method": stats["method"], "latent_dim": latent,
