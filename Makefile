@@ -3,6 +3,8 @@ PYTHON ?= python3.11
 VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-$(shell cat pyproject.toml | cksum | cut -d' ' -f1)
+# Prefect's schema, migrated once per install: a fresh PREFECT_HOME starts from a copy (src/mmkd/tracking/prefect_db.py)
+PREFECT_DB := $(VENV)/share/mmkd/prefect.db
 # torch comes from this machine's disk through pip (uv does not look there; the installed torch then satisfies the
 # project's range); the rest resolves with uv, in seconds where pip backtracks for minutes over the S3 packages.
 # pip prints one warning per missing local index folder on this kind of machine; keep the log readable
@@ -23,7 +25,10 @@ $(STAMP):
 	$(BIN)/python -c "import mmkd, torch, open_clip, prefect, mlflow, dvc, great_expectations"
 	rm -f $(VENV)/.installed-* && touch $(STAMP)
 
-install: $(STAMP)
+$(PREFECT_DB): $(STAMP)
+	$(BIN)/python -m mmkd.tracking.prefect_db $@ > /dev/null
+
+install: $(STAMP) $(PREFECT_DB)
 
 # The default pipeline on the embedded corpus: data -> ... -> registered student; then record the
 # outputs in dvc.lock (`dvc commit`) so that `dvc repro` right after reports everything up to date.

@@ -22,7 +22,8 @@ from mmkd.cli.common import (
 
 def start_prefect_server_early() -> threading.Thread | None:
     """Without a Prefect server to talk to (no PREFECT_API_URL), Prefect starts a temporary one (a subprocess, 3-5 s
-    until healthy) at the flow's first API call, after the imports; started here in a thread, the two overlap. The
+    until healthy) at the flow's first API call, after the imports; started here in a thread, the two overlap. A
+    fresh PREFECT_HOME gets the database `make install` migrated (mmkd.tracking.prefect_db), not an empty one. The
     caller joins the thread before the flow runs, so the flow never sees a server still starting."""
     import flows  # noqa: F401 - its offline defaults (startup timeout, telemetry off) must reach the server
     from prefect.settings import PREFECT_API_URL, PREFECT_SERVER_EPHEMERAL_ENABLED
@@ -33,6 +34,9 @@ def start_prefect_server_early() -> threading.Thread | None:
     def start() -> None:
         from prefect.server.api.server import SubprocessASGIServer
 
+        from mmkd.tracking.prefect_db import seed_home
+
+        seed_home()  # a fresh PREFECT_HOME starts from the schema built at install (no migrations to run)
         try:
             SubprocessASGIServer().start()  # the instance Prefect's client uses (one per port; None: any free port)
         except Exception:  # noqa: BLE001 - the flow's own start will try again and say what is wrong
