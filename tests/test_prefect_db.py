@@ -18,6 +18,11 @@ def _template(path) -> None:
     con.close()
 
 
+def _home(home) -> dict:
+    """PREFECT_HOME with Prefect's default database in it (the test session's harness points the URL elsewhere)."""
+    return {PREFECT_HOME: str(home), PREFECT_API_DATABASE_CONNECTION_URL: f"sqlite+aiosqlite:///{home}/prefect.db"}
+
+
 def _version(db) -> str:
     con = sqlite3.connect(db)
     try:
@@ -30,7 +35,7 @@ def test_fresh_home_is_seeded_and_an_existing_database_is_left_alone(tmp_path):
     template = tmp_path / "template.db"
     _template(template)
     home = tmp_path / "home"
-    with temporary_settings({PREFECT_HOME: str(home)}):
+    with temporary_settings(_home(home)):
         assert seed_home(template) == home / "prefect.db"
         assert _version(home / "prefect.db") == "from-template"
         assert list(home.glob(".prefect.db.*")) == []  # no temporary copy left behind
@@ -44,7 +49,7 @@ def test_fresh_home_is_seeded_and_an_existing_database_is_left_alone(tmp_path):
 
 def test_nothing_is_seeded_without_a_template_or_for_another_database(tmp_path):
     template = tmp_path / "template.db"
-    with temporary_settings({PREFECT_HOME: str(tmp_path / "a")}):
+    with temporary_settings(_home(tmp_path / "a")):
         assert seed_home(template) is None and not (tmp_path / "a" / "prefect.db").exists()
     _template(template)
     with temporary_settings({PREFECT_HOME: str(tmp_path / "b"),
@@ -54,7 +59,7 @@ def test_nothing_is_seeded_without_a_template_or_for_another_database(tmp_path):
 
 
 def _seed_in_child(home: str, template: str, start, out) -> None:
-    with temporary_settings({PREFECT_HOME: home}):
+    with temporary_settings(_home(home)):
         start.wait()
         out.put(str(seed_home(template)))
 
@@ -95,6 +100,6 @@ def test_the_installed_template_is_at_prefects_schema_head():
 def test_seed_refuses_an_unreadable_template(tmp_path):
     template = tmp_path / "template.db"
     template.write_bytes(b"not a database at all" * 100)
-    with temporary_settings({PREFECT_HOME: str(tmp_path / "h")}):
+    with temporary_settings(_home(tmp_path / "h")):
         assert seed_home(template) is None
     assert not (tmp_path / "h" / "prefect.db").exists()
