@@ -22,6 +22,7 @@ from mmkd.features.store import FeatureError, FeatureStore, write_shard
 from mmkd.models.encoder import ClipEncoder
 from mmkd.models.factory import create_model, save_checkpoint
 from mmkd.teachers.registry import load_teacher
+from tests.faults.kill_points import CountedConnection, dying_replace
 
 CPU = torch.device("cpu")
 SPECS = [TeacherSpec(name="rad", model="mmkd-teacher-vit-t", modalities=["xray", "ct", "mri", "ultrasound"]),
@@ -369,33 +370,9 @@ def test_a_kill_at_any_write_of_the_key_index_leaves_a_store_the_next_run_comple
             if seen[0] == kill_at:
                 os.kill(os.getpid(), signal.SIGKILL)
 
-        real_replace = os.replace
-
-        def replace(src, dst):
-            if seen[0] % 2:
-                real_replace(src, dst)
-                return event()
-            event()
-            return real_replace(src, dst)
-
-        class Counted:
-            def __init__(self, db):
-                self._db = db
-
-            def __getattr__(self, name):
-                return getattr(self._db, name)
-
-            def __enter__(self):
-                return self._db.__enter__()
-
-            def __exit__(self, *exc):
-                if exc[0] is None:
-                    event()
-                return self._db.__exit__(*exc)
-
         if kill_at:  # < 0: count the events, never kill
-            os.replace = replace
-            store.db = store.index.db = Counted(store.db)
+            os.replace = dying_replace(seen, event, os.replace)
+            store.db = store.index.db = CountedConnection(store.db, event)
         for unit, keys in units:
             _commit(root, store, unit, keys)
         return seen[0]

@@ -26,6 +26,7 @@ from mmkd.features import checks
 from mmkd.features.cache import cache_corpus
 from mmkd.features.store import FeatureStore
 from mmkd.models.preprocess import ImageSpec
+from tests.faults.kill_points import CountedConnection, dying_replace
 
 RECORDS, KILLS, SEED = 40, 24, 20261206
 CFG = FeaturesCfg(batch_size=4, unit_records=8, decode_workers=1)
@@ -89,35 +90,9 @@ def arm(kill_at: int, counter: Path) -> None:
         event(half)
         return real_write(self, data)
 
-    def replace(src, dst):
-        after = seen[0] % 2  # every other rename dies just after it happened instead of just before
-        if after:
-            real_replace(src, dst)
-            event()
-            return None
-        event()
-        return real_replace(src, dst)
-
-    class Counted:
-        """A connection whose `with` blocks die after their statements ran, before the commit."""
-
-        def __init__(self, db):
-            self._db = db
-
-        def __getattr__(self, name):
-            return getattr(self._db, name)
-
-        def __enter__(self):
-            return self._db.__enter__()
-
-        def __exit__(self, *exc):
-            if exc[0] is None:
-                event()
-            return self._db.__exit__(*exc)
-
     checks.HashingFile.write = write
-    os.replace = replace
-    sqlite3.connect = lambda *a, **kw: Counted(real_connect(*a, **kw))
+    os.replace = dying_replace(seen, event, real_replace)
+    sqlite3.connect = lambda *a, **kw: CountedConnection(real_connect(*a, **kw), event)
 
 
 def cache_in_child(curated: Path, store: Path, kill_at: int, counter: Path) -> int:
