@@ -22,7 +22,7 @@ from mmkd.features.store import FeatureError, FeatureStore, write_shard
 from mmkd.models.encoder import ClipEncoder
 from mmkd.models.factory import create_model, save_checkpoint
 from mmkd.teachers.registry import load_teacher
-from tests.faults.kill_points import CountedConnection, dying_replace
+from tests.faults.kill_points import CountedConnection, dying_replace, memory_folder
 
 CPU = torch.device("cpu")
 SPECS = [TeacherSpec(name="rad", model="mmkd-teacher-vit-t", modalities=["xray", "ct", "mri", "ultrasound"]),
@@ -338,16 +338,8 @@ def test_the_key_index_answers_as_the_sqlite_rows_table_did(tmp_path, monkeypatc
 
 @pytest.fixture()
 def shm_dir(tmp_path):
-    """In memory (/dev/shm) where there is one: a SIGKILL loses no page-cache data, so fsyncs protect nothing here."""
-    import shutil
-    import tempfile
-
-    if not os.path.isdir("/dev/shm"):
-        yield tmp_path
-        return
-    folder = Path(tempfile.mkdtemp(prefix="mmkd-keyindex-kills-", dir="/dev/shm"))
-    yield folder
-    shutil.rmtree(folder, ignore_errors=True)
+    with memory_folder(tmp_path, "mmkd-keyindex-kills-") as folder:
+        yield folder
 
 
 def test_a_kill_at_any_write_of_the_key_index_leaves_a_store_the_next_run_completes(shm_dir, monkeypatch):

@@ -3,6 +3,12 @@
 
 from __future__ import annotations
 
+import os
+import shutil
+import tempfile
+from contextlib import contextmanager
+from pathlib import Path
+
 
 def dying_replace(seen: list[int], event, real_replace):
     """os.replace that reports each rename: every other one (by the count in `seen`) dies just after it happened
@@ -35,3 +41,17 @@ class CountedConnection:
         if exc[0] is None:
             self._event()
         return self._db.__exit__(*exc)
+
+
+@contextmanager
+def memory_folder(fallback: Path, prefix: str):
+    """A folder in memory (/dev/shm) where there is one, else `fallback`: a SIGKILL loses no page-cache data, so
+    the disk's fsyncs (most of a tiny run's time) protect nothing in these tests."""
+    if not os.path.isdir("/dev/shm"):
+        yield fallback
+        return
+    folder = Path(tempfile.mkdtemp(prefix=prefix, dir="/dev/shm"))
+    try:
+        yield folder
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)

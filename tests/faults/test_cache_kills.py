@@ -12,10 +12,8 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import signal
 import sqlite3
-import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -26,7 +24,7 @@ from mmkd.features import checks
 from mmkd.features.cache import cache_corpus
 from mmkd.features.store import FeatureStore
 from mmkd.models.preprocess import ImageSpec
-from tests.faults.kill_points import CountedConnection, dying_replace
+from tests.faults.kill_points import CountedConnection, dying_replace, memory_folder
 
 RECORDS, KILLS, SEED = 40, 24, 20261206
 CFG = FeaturesCfg(batch_size=4, unit_records=8, decode_workers=1)
@@ -135,14 +133,8 @@ def features(store_root: Path, keys: np.ndarray) -> dict:
 
 @pytest.fixture()
 def fast_dir(tmp_path):
-    """Stores in memory (tmpfs) where there is one: a SIGKILL loses no page-cache data, so the disk's fsyncs
-    (most of a tiny run's time) protect nothing here."""
-    if not os.path.isdir("/dev/shm"):
-        yield tmp_path
-        return
-    folder = Path(tempfile.mkdtemp(prefix="mmkd-cache-kills-", dir="/dev/shm"))
-    yield folder
-    shutil.rmtree(folder, ignore_errors=True)
+    with memory_folder(tmp_path, "mmkd-cache-kills-") as folder:
+        yield folder
 
 
 def test_sigkill_at_seeded_points_then_a_run_gives_the_features_of_a_clean_run(smoke_corpus, tmp_path, fast_dir):
