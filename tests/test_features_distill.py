@@ -89,6 +89,30 @@ def test_distill_strategies_train_from_the_stores(aligned, tmp_path, strategy):
         assert set(weights["quality"]) >= {"xray", "pathology"}
 
 
+def test_routed_with_image_structure_and_modality_focus_from_the_stores(aligned, tmp_path):
+    """The stage-1 student's own probe quality is measured on the probe split (as the teachers' is) and turns into
+    per-modality weights with mean 1 over the train samples; the image-structure term is trained."""
+    root, features = aligned
+    curated = root / "artifacts" / "curated"
+    torch.manual_seed(0)
+    save_checkpoint(create_model("mmkd-student-tiny"), tmp_path / "stage1", "mmkd-student-tiny")
+    cfg = DistillCfg(strategy="routed", structure_weight=1.0, modality_focus=3.0,
+                     train=TrainCfg(epochs=1, batch_size=32, warmup_steps=1))
+    hist = distill(tmp_path / "stage1", curated, features / "aligned", DOMAINS, cfg, 0, CPU, tmp_path / "student",
+                   teacher_dir=features / "raw")
+    assert hist["loss_structure"] > 0
+    weights = json.loads((tmp_path / "student" / "teacher_weights.json").read_text())
+    assert weights["modality_focus"] == 3.0
+    probe = split_records(curated, "probe")
+    assert set(weights["student_quality"]) == set(weights["focus"]) >= {r["modality"] for r in probe}
+    assert all(q is None or 0 <= q <= 1 for q in weights["student_quality"].values())
+    mods = [r["modality"] for r in split_records(curated, "train")]
+    mean = sum(weights["focus"][m] for m in mods) / len(mods)
+    assert mean == pytest.approx(1.0) and min(weights["focus"].values()) > 0
+    assert hist[f"focus.{mods[0]}"] == pytest.approx(weights["focus"][mods[0]])
+    assert not list(tmp_path.glob(".focus-*"))  # the student's probe embeddings were scratch
+
+
 def test_routed_and_relational_need_the_raw_store(aligned, tmp_path):
     root, features = aligned
     save_checkpoint(create_model("mmkd-student-tiny"), tmp_path / "stage1", "mmkd-student-tiny")

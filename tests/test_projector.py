@@ -171,6 +171,24 @@ def test_shared_maps_align_teachers_beyond_plain_procrustes_and_keep_their_geome
     assert torch.allclose(shared.project("a", a_img), star)
 
 
+def test_shrinkage_leans_each_modality_map_toward_the_teachers_map_over_all_its_rows():
+    modality, student, feats = _world(1, n=200)
+    domains = {"a": ["x"], "b": ["x", "y"]}
+
+    def maps(s):
+        return fit_maps(_Source(feats), student, modality, domains, "shared", AlignCfg(shrinkage=s, iterations=1))
+
+    def dist(m, g):
+        return float((m.weight("b", g) - m.weight("b", "*")).norm())
+
+    free, some, full = maps(0.0), maps(1.0), maps(1e6)
+    assert torch.equal(free.weight("b", "x"), maps(0.0).weight("b", "x"))  # deterministic; 0 is the old fit
+    assert dist(free, "x") > 0.1 and dist(free, "y") > 0.1  # each modality has a map of its own
+    assert dist(full, "x") < 1e-3 and dist(full, "y") < 1e-3  # overwhelming shrinkage: the `*` map everywhere
+    assert dist(full, "x") < dist(some, "x") < dist(free, "x")
+    assert dist(full, "y") < dist(some, "y") < dist(free, "y")
+
+
 def test_linear_maps_save_and_load(tmp_path):
     from mmkd.features.projector import load_projector, save_projector
 

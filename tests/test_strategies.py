@@ -401,3 +401,95 @@ def test_fd_per_sample_handles_stacked_teachers():
     assert per.shape == (3, 2)
     assert torch.allclose(per[:, 1], fd_per_sample(s, s, t[:, 1], t[:, 1]))
     assert clip_loss(s, s, torch.tensor(1.0)).ndim == 0
+
+
+def test_modality_focus_moves_distillation_weight_to_the_lagging_modality():
+    from mmkd.training.quality import focus_factors, modality_lag
+
+    # teachers [a, b]; a declared for both modalities, b for modality 1 only
+    quality = np.array([[0.9, 0.5], [np.nan, 0.7]])  # [T, M]
+    routed = np.array([[True, False], [True, True]])  # [M, T]
+    # modality 0: best declared teacher 0.9, student 0.6 -> lag 0.3; modality 1: the student is ahead -> 0
+    assert modality_lag(quality, np.array([0.6, 0.8]), routed) == pytest.approx([0.3, 0.0])
+    # b's 0.99 on modality 0 does not count (not declared there); a student not measurable lags by nothing
+    assert modality_lag(np.array([[0.9, 0.5], [0.99, 0.7]]), np.array([np.nan, 0.6]), routed) == pytest.approx(
+        [0.0, 0.1])
+    f = focus_factors(np.array([0.3, 0.0]), np.array([0, 1, 1, 1]), focus=2.0)
+    assert f == pytest.approx(np.array([1.6, 1.0]) / 1.15)  # 1 + 2 * lag, mean 1 over the four samples
+    assert np.array([f[m] for m in (0, 1, 1, 1)]).mean() == pytest.approx(1.0)
+
+    # in the loss: each sample's FD and ICL weight is its modality's factor (one teacher, all samples)
+    avail = np.ones((3, 1), bool)
+    modality = np.array([0, 1, 0])
+    feats = Arrays(["a"], T_IMG[:1], T_TXT[:1], avail)
+    sup = Supervision(["a"], avail, aligned=feats, modality=modality, modalities=["x", "y"],
+                      focus=np.array([1.5, 0.5]), student_quality=np.array([0.4, np.nan]))
+    obj = MeanObjective(sup, cfg(icl_init_temperature=0.5), 0)
+    _, parts = run_loss(obj)
+    fd_i = [(((S_IMG[i] - T_IMG[0][i]) ** 2).sum() + ((S_TXT[i] - T_TXT[0][i]) ** 2).sum()) / 512 for i in range(3)]
+    icl = np_icl_terms(S_IMG, S_TXT, T_IMG[0], T_TXT[0], [0, 1, 2], 2.0)
+    icl_i = [icl[i] for i in range(3)]
+    factor = np.array([1.5, 0.5, 1.5])
+    assert parts["loss_fd"] == pytest.approx(float(np.mean(factor * fd_i)), rel=1e-5)
+    assert parts["loss_icl"] == pytest.approx(float(np.mean(factor * icl_i)), rel=1e-5)
+    assert obj.summary()["focus.x"] == 1.5 and obj.summary()["student_quality.x"] == 0.4
+    assert "student_quality.y" not in obj.summary() and obj.report()["focus"] == {"x": 1.5, "y": 0.5}
+
+
+def test_modality_focus_is_refused_where_no_per_sample_teacher_weights_exist():
+    from pydantic import ValidationError
+
+    assert cfg(strategy="routed", modality_focus=2.0).modality_focus == 2.0
+    for strategy in ("reference", "relational"):
+        with pytest.raises(ValidationError, match="modality_focus"):
+            cfg(strategy=strategy, modality_focus=1.0)
+
+
+def test_image_structure_matches_a_brute_force_soft_cross_entropy():
+    from mmkd.training.losses import image_structure
+
+    rng = np.random.default_rng(0)
+    b, t, d = 6, 2, 4
+    s_img = unit(b, d, seed=1)
+    t_img = unit(b, t, d, seed=2)
+    mask = torch.tensor([[1, 1], [1, 0], [1, 1], [0, 1], [1, 1], [1, 1]], dtype=torch.bool)
+    mod = np.array([0, 0, 0, 1, 1, 0])
+    same = torch.from_numpy(mod[:, None] == mod[None, :])
+    got = image_structure(s_img, t_img, mask, same, 10.0).double().numpy()
+    S, T = s_img.double().numpy(), t_img.double().numpy()
+    want = np.zeros((b, t))
+    for k in range(t):
+        for i in range(b):
+            cand = [j for j in range(b) if j != i and mask[j, k] and mod[j] == mod[i]]
+            if not mask[i, k] or len(cand) < 2:
+                continue
+            p = np.exp(np_log_softmax([10 * T[i, k] @ T[j, k] for j in cand]))
+            want[i, k] = -(p * np_log_softmax([10 * S[i] @ S[j] for j in cand])).sum()
+    assert np.allclose(got, want, atol=1e-5)
+    assert want[3].sum() == 0 and want[4].sum() == 0  # modality 1 has two samples: one candidate, nothing to rank
+    assert (want[[0, 2, 5], 0] > 0).all() and want[1, 1] == 0
+    # the student reproducing the teacher's image cosines is the minimum: the term equals the teacher's entropy
+    same_geometry = image_structure(t_img[:, 0], t_img[:, :1], mask[:, :1], same, 10.0)
+    perturbed = image_structure(F.normalize(t_img[:, 0] + 0.3 * s_img, dim=1), t_img[:, :1], mask[:, :1], same, 10.0)
+    assert float(same_geometry.sum()) < float(perturbed.sum())
+    del rng
+
+
+def test_structure_weight_adds_the_image_structure_term_to_mean_and_routed():
+    from pydantic import ValidationError
+
+    avail = np.ones((3, 1), bool)
+    sup = Supervision(["a"], avail, aligned=Arrays(["a"], T_IMG[:1], T_TXT[:1], avail), modality=np.array([0, 0, 0]),
+                      modalities=["x"])
+    plain, _ = run_loss(MeanObjective(sup, cfg(icl_init_temperature=0.5), 0))
+    loss, parts = run_loss(MeanObjective(sup, cfg(strategy="mean", icl_init_temperature=0.5, structure_weight=2.0,
+                                                  structure_temperature=0.1), 0))
+    rows = []
+    for i in range(3):
+        cand = [j for j in range(3) if j != i]
+        p = np.exp(np_log_softmax([10 * T_IMG[0][i] @ T_IMG[0][j] for j in cand]))
+        rows.append(-(p * np_log_softmax([10 * S_IMG[i] @ S_IMG[j] for j in cand])).sum())
+    assert parts["loss_structure"] == pytest.approx(float(np.mean(rows)), rel=1e-5)
+    assert loss == pytest.approx(plain + 2.0 * parts["loss_structure"], rel=1e-5)
+    with pytest.raises(ValidationError, match="structure_weight"):
+        cfg(strategy="reference", structure_weight=1.0)

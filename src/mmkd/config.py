@@ -414,6 +414,8 @@ class AlignCfg(Strict):
     consensus_weight: float = Field(2.0, ge=0, description="shared: each other teacher's weight in the consensus "
                                     "target, the stage-1 student's being 1 (0: plain centred Procrustes)")
     iterations: int = Field(5, ge=1, description="shared: consensus refits")
+    shrinkage: float = Field(0.0, ge=0, description="shared: each modality's map pulled toward the teacher's map "
+                             "over all its rows (cross-covariance C_m + this * n_m / n * C_all; 0: none)")
     # autoencoder only
     hidden: int = 256
     epochs: int = Field(30, ge=1)
@@ -459,6 +461,26 @@ class DistillCfg(Strict):
     relational_weight: float = Field(1.0, ge=0, description="relational: weight of the similarity distillation")
     teacher_temperature: float = Field(0.07, gt=0, description="relational: teacher logits = cosine / this")
     route_by_modality: bool = True
+    structure_weight: float = Field(0.0, ge=0, description="mean, routed: weight of the image-structure term (each "
+                                    "teacher's ranking of a sample's same-modality batch mates, taught to the student)")
+    structure_temperature: float = Field(0.05, gt=0, description="image structure: image-image cosines / this, "
+                                         "teacher and student alike")
+    modality_focus: float = Field(0.0, ge=0, description="mean, routed: each sample's distillation weight times "
+                                  "1 + this * its modality's lag (the best declared teacher's probe quality minus "
+                                  "the stage-1 student's, on the probe split), rescaled to mean 1 over the train "
+                                  "split: 0 weighs every modality alike")
+
+    @model_validator(mode="after")
+    def _focus_needs_weights(self) -> "DistillCfg":
+        if self.structure_weight > 0 and self.strategy not in ("mean", "routed"):
+            raise ValueError(f"distill.structure_weight: {self.structure_weight} needs each sample's teacher weights, "
+                             f"which only the mean and routed strategies have (distill.strategy: {self.strategy}); "
+                             "set distill.structure_weight to 0 for this strategy")
+        if self.modality_focus > 0 and self.strategy not in ("mean", "routed"):
+            raise ValueError(f"distill.modality_focus: {self.modality_focus} weighs each sample's teachers, which "
+                             f"only the mean and routed strategies have (distill.strategy: {self.strategy}); "
+                             "set distill.modality_focus to 0 for this strategy")
+        return self
 
 
 class ProbeCfg(Strict):

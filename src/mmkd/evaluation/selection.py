@@ -1,5 +1,6 @@
-"""Owns the promotion gate's selection score: zero-shot outcomes per item on the suite's val split, and the paired
-bootstrap of two models' difference on them. The test split, which the leaderboard reports, is never read here."""
+"""Owns the selection score (the promotion gate's, the ablations'): zero-shot and linear-probe outcomes per item on
+the suite's val split, and the paired bootstrap of two models' difference on them. The test split, which the
+leaderboard reports, is never read here."""
 
 from __future__ import annotations
 
@@ -122,6 +123,25 @@ def set_outcomes(encoder, s: SelectionSet, batch: int, cached=None) -> np.ndarra
     return (logits.argmax(1) == s.labels).astype(np.float64)
 
 
+def set_probe_outcomes(encoder, s: SelectionSet, batch: int, seed: int, head_seeds: int, c_grid) -> np.ndarray:
+    """Per val item, the mean over `head_seeds` heads of 1/0: a linear probe fitted on the set's train split, C
+    chosen by cross-validation on that train split (never on val), predicts the item's label. Only the train and
+    val images are encoded."""
+    from mmkd.evaluation.embeddings import encode_dataset
+    from mmkd.evaluation.tasks.probe import linear_probe
+
+    train = np.flatnonzero(s.dataset.split_mask("train"))
+    if len(train) == 0:
+        raise SelectionError(f"{s.name}: no train items to fit a probe on")
+    view = val_view(s.dataset, np.concatenate([train, s.items]))
+    x = encode_dataset(encoder, view, [], batch).image[view.item_image]
+    x_train, x_val = x[:len(train)], x[len(train):]
+    outcomes: dict = {}
+    linear_probe(x_train, view.labels[:len(train)], None, None, x_val, s.labels, len(s.dataset.classes), seed,
+                 fractions=(1.0,), k_shots=(), c_grid=tuple(c_grid), head_seeds=head_seeds, outcomes=outcomes)
+    return np.asarray(outcomes["probe_acc1"].data["values"], dtype=np.float64)
+
+
 @dataclass(frozen=True)
 class Selection:
     """The selection items of every set, concatenated in set order."""
@@ -158,6 +178,11 @@ class Selection:
         return np.concatenate([
             set_outcomes(encoder, s, batch, evaluation_embeddings(encoder, version, s, cache_dir)
                          if cache_dir is not None and version is not None else None) for s in self.sets])
+
+    def probe_outcomes(self, encoder, batch: int, seed: int, head_seeds: int = 3,
+                       c_grid=(0.01, 0.1, 1.0, 10.0, 100.0)) -> np.ndarray:
+        """Per item, the linear probe's mean correctness over head seeds (set_probe_outcomes), in set order."""
+        return np.concatenate([set_probe_outcomes(encoder, s, batch, seed, head_seeds, c_grid) for s in self.sets])
 
     def score(self, outcomes: np.ndarray) -> float:
         return float(self.weights @ self._checked(outcomes))

@@ -213,7 +213,9 @@ def fit_maps(source, student, modality: np.ndarray, domains: dict[str, list[str]
     `shared`: one map per teacher and declared modality (and one `*` map over all of them), fitted on that
     modality's rows with each teacher's and the student's modality means removed first (per kind: image, text),
     so that the within-modality structure, which the modality cluster otherwise outweighs, is what is aligned;
-    then `cfg.iterations` refits onto a consensus: the student's centred row plus `cfg.consensus_weight` times
+    With `cfg.shrinkage` s > 0 a modality's cross-covariance is C_m + s * (n_m / n) * C_*: the map of a modality
+    with few rows or weak structure leans toward the teacher's map over all its rows (s = 1: the two weigh alike).
+    Then `cfg.iterations` refits onto a consensus: the student's centred row plus `cfg.consensus_weight` times
     each other teacher's current projection of the same row, for the teachers that declare the row's modality
     (generalised Procrustes anchored on the student). Streams over the rows in chunks of `chunk`: one pass for the
     means, one per refit; what is held is a chunk and the d x d cross-covariances, whatever N is.
@@ -255,6 +257,7 @@ def fit_maps(source, student, modality: np.ndarray, domains: dict[str, list[str]
     weights: dict[tuple[str, str], np.ndarray] = {}
     for it in range(1 + (cfg.iterations if method == "shared" else 0)):
         cross = {(t, g): np.zeros((dims[t], latent)) for t in names for g in (ALL, *groups[t])}
+        rows_of = {tg: 0 for tg in cross}
         for sel in chunks:
             parts, mine = source.batch(sel), student.rows(sel)
             for k in (0, 1):
@@ -277,9 +280,16 @@ def fit_maps(source, student, modality: np.ndarray, domains: dict[str, list[str]
                     ok = fit[t][sel]
                     part = x[t][ok].T @ (target[ok] / weight[ok, None])
                     cross[(t, ALL)] += part
+                    rows_of[(t, ALL)] += int(ok.sum())
                     for g in groups[t]:
                         rows = ok & (key[t][sel] == g)
                         cross[(t, g)] += x[t][rows].T @ (target[rows] / weight[rows, None])
+                        rows_of[(t, g)] += int(rows.sum())
+        if cfg.shrinkage > 0:  # each modality's map pulled toward the teacher's `*` map, per row it was fitted on
+            for t in names:
+                for g in groups[t]:
+                    share = rows_of[(t, g)] / max(1, rows_of[(t, ALL)])
+                    cross[(t, g)] = cross[(t, g)] + cfg.shrinkage * share * cross[(t, ALL)]
         weights = {tg: procrustes(torch.from_numpy(c)).double().numpy() for tg, c in cross.items()}
     maps = LinearMaps(dims, latent, method, groups)
     for (t, g), w in weights.items():

@@ -13,7 +13,8 @@ def step_distill(ctx: Context, run: StepRun) -> dict:
     run.log_params({"distill": p.distill.model_dump()})
     domains = {spec.name: list(spec.modalities) for spec in p.teachers.registry}
     # routed and relational read the raw store: at the versions cache_features recorded
-    raw = dict(current_sets(ctx)) if p.distill.strategy in ("routed", "relational") else None
+    reads_raw = p.distill.strategy in ("routed", "relational") or p.distill.modality_focus > 0
+    raw = dict(current_sets(ctx)) if reads_raw else None
     hist = distill(ws.stage1, ws.curated, ws.aligned_features, domains, p.distill, p.seed, _device(ctx), ws.student,
                    _metric_logger(run, "train"), teacher_dir=ws.teacher_features, raw_versions=raw,
                    state_dir=ws.train_state("distill"))

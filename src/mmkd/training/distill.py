@@ -23,7 +23,7 @@ from mmkd.features.store import FeatureError, FeatureStore, TeacherFeatures
 from mmkd.models.factory import image_spec, load_checkpoint, model_config, save_checkpoint
 from mmkd.training import checkpoint, distributed
 from mmkd.training.loop import tokenize_all, train
-from mmkd.training.quality import teacher_quality
+from mmkd.training.quality import RowFeatures, focus_factors, modality_lag, teacher_quality
 from mmkd.training.strategies import STRATEGIES
 from mmkd.training.supervision import Supervision
 from mmkd import atomic
@@ -103,6 +103,26 @@ def _file_hash(path: Path) -> str:
     return h.hexdigest()[:16]
 
 
+def _student_quality(stage1_dir: Path, curated_dir: Path, probe: list[dict], modality: list[int], n_modalities: int,
+                     device, scratch_parent: Path) -> np.ndarray:
+    """[M] the stage-1 student's probe quality per modality, on the measure the teachers' is taken with
+    (quality.teacher_quality over its own image and caption embeddings of the probe split)."""
+    import tempfile
+
+    from mmkd.features.student import student_embeddings
+
+    Path(scratch_parent).mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=scratch_parent, prefix=".focus-") as scratch:
+        rows = student_embeddings(stage1_dir, curated_dir, probe, device, Path(scratch))
+        try:
+            q = teacher_quality(RowFeatures("student_stage1", rows), [(r.get("labels") or {}).get("finding")
+                                                                       for r in probe],
+                                np.asarray(modality, np.int64), n_modalities)
+        finally:
+            rows.close()
+    return q[0]
+
+
 def distill(stage1_dir: Path, curated_dir: Path, aligned_dir: Path, domains: dict[str, list[str]], cfg: DistillCfg,
             seed: int, device: torch.device, out_dir: Path, log: Callable | None = None,
             teacher_dir: Path | None = None, raw_versions: dict[str, str] | None = None,
@@ -133,7 +153,8 @@ def distill(stage1_dir: Path, curated_dir: Path, aligned_dir: Path, domains: dic
         sup.aligned = TeacherFeatures(store, [(t, aligned_held[t]["version"]) for t in names], keys)
         versions.update({t: aligned_held[t]["version"] for t in names})
     raw_store = None
-    if "raw" in kind.needs or "quality" in kind.needs:
+    wants_quality = "quality" in kind.needs or cfg.modality_focus > 0
+    if "raw" in kind.needs or wants_quality:
         if teacher_dir is None:
             raise FeatureError(f"distill.strategy '{cfg.strategy}' reads the raw teacher feature store; pass its "
                                "folder (artifacts/features/teachers)")
@@ -144,9 +165,13 @@ def distill(stage1_dir: Path, curated_dir: Path, aligned_dir: Path, domains: dic
         if "raw" in kind.needs:
             sup.raw = TeacherFeatures(raw_store, [(t, raw_sets[t]) for t in names], keys)
     available = (sup.aligned if sup.aligned is not None else sup.raw).available
+    if cfg.structure_weight > 0:  # the image-structure term compares a sample with its same-modality batch mates
+        names_of = np.array([r["modality"] or "unknown" for r in records])
+        sup.modalities, codes = np.unique(names_of, return_inverse=True)
+        sup.modalities, sup.modality = list(sup.modalities), codes.astype(np.int64)
     sup.eligible, orphans = eligibility(records, available, domains, cfg.route_by_modality)
-    if "quality" in kind.needs:
-        probe = split_records(curated_dir, "probe", ("key", "modality", "labels"))
+    if wants_quality:
+        probe = split_records(curated_dir, "probe", ("key", "modality", "labels", "caption"))
         modalities = sorted({r["modality"] for r in records} | {r["modality"] for r in probe})
         index = {m: i for i, m in enumerate(modalities)}
         probe_features = TeacherFeatures(raw_store, [(t, raw_sets[t]) for t in names],
@@ -157,6 +182,11 @@ def distill(stage1_dir: Path, curated_dir: Path, aligned_dir: Path, domains: dic
         sup.modality = np.array([index[r["modality"]] for r in records], dtype=np.int64)
         sup.routed = routing(domains, modalities, cfg.route_by_modality)
         raw_store.release()
+        if cfg.modality_focus > 0:
+            sup.student_quality = _student_quality(stage1_dir, curated_dir, probe, [index[r["modality"]] for r in probe],
+                                                   len(modalities), device, Path(out_dir).parent)
+            lag = modality_lag(sup.quality, sup.student_quality, sup.routed)
+            sup.focus = focus_factors(lag, sup.modality, cfg.modality_focus)
     objective = kind(sup, cfg, seed, device)
     tokens = tokenize_all(open_clip.get_tokenizer(meta["model"]), [r["caption"] for r in records])
     # the data's content: the curated keys (hashes of the decoded pixels) and the checksums of every feature set

@@ -1,4 +1,5 @@
-"""Owns every loss: symmetric InfoNCE (stage 1) and the stage-2 distillation terms (FD, ICL, relational KD).
+"""Owns every loss: symmetric InfoNCE (stage 1) and the stage-2 distillation terms (FD, ICL, relational KD, image
+structure).
 
 Conventions (open_clip style: plain functions of tensors, no state):
 - student and teacher features are unit-norm, float32; `logit_scale` / `scale` are already exp()'d multipliers;
@@ -111,6 +112,28 @@ def relational_distillation(s_img, s_txt, logit_scale, teachers: list[tuple[torc
         t2i = soft_cross_entropy(teacher.t().masked_fill(cols, fill), student.t().masked_fill(cols, fill))
         out.append(torch.where(keep, 0.5 * (i2t + t2i), torch.zeros_like(i2t)))
     return torch.stack(out, dim=1)
+
+
+def image_structure(s_img, t_img, mask, same, scale: float) -> torch.Tensor:
+    """Per-teacher distillation of the image-image similarity structure within a modality: [B, T] terms for
+    teachers stacked t_img [B, T, D] (unit), mask [B, T] and same [B, B] (samples i and j share a modality).
+
+    For teacher t, row i (mask[i, t]) and its candidates C_it = {j != i : mask[j, t], same[i, j]}:
+      st[i, t] = H( softmax_{j in C_it}(scale t_img_i . t_img_j), log_softmax_{j in C_it}(scale s_img_i . s_img_j) )
+    i.e. which of the sample's same-modality batch mates the teacher finds its neighbours, taught to the student
+    (what a linear probe on the student's image embedding needs: the specialist's class structure). 0 where the
+    teacher cannot supervise the sample or it has fewer than 2 candidates (nothing to rank).
+    """
+    n = len(s_img)
+    m = mask.t()  # [T, B]
+    eye = torch.eye(n, dtype=torch.bool, device=s_img.device)
+    allowed = m[:, None, :] & (same & ~eye)[None]  # [T, B(rows), B(columns)]
+    fill = torch.finfo(s_img.dtype).min / 4
+    teacher = (scale * torch.einsum("itd,jtd->tij", t_img, t_img)).masked_fill(~allowed, fill)
+    student = (scale * s_img @ s_img.t())[None].expand_as(teacher).masked_fill(~allowed, fill)
+    terms = soft_cross_entropy(teacher, student)  # [T, B]
+    valid = m & (allowed.sum(-1) >= 2)
+    return torch.where(valid, terms, torch.zeros_like(terms)).t()
 
 
 # ---------------------------------------------------------------------------------------------- combining

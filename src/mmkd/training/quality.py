@@ -90,3 +90,33 @@ def routed_weights(quality: np.ndarray, routed: np.ndarray, temperature: float) 
     s = np.where(routed, scores, -np.inf)
     s = np.exp(s - s.max(1, keepdims=True))
     return s / s.sum(1, keepdims=True)
+
+
+class RowFeatures:
+    """teacher_quality's features interface over one model's own embeddings (the stage-1 student's probe rows, a
+    features.student StudentRows or InMemory): one 'teacher', available for every row."""
+
+    def __init__(self, name: str, rows):
+        self.names, self.rows = [name], rows
+        self.available = np.ones((len(rows), 1), dtype=bool)
+
+    def batch(self, idx) -> dict:
+        return {self.names[0]: self.rows.rows(np.asarray(idx, np.int64))}
+
+
+def modality_lag(quality: np.ndarray, student: np.ndarray, routed: np.ndarray) -> np.ndarray:
+    """[M] how far the student is behind the best teacher declared for each modality, on the same measure
+    (teacher_quality's balanced accuracy), 0 when it is not behind or either side is not measurable."""
+    q = np.where(np.asarray(routed, bool).T, np.asarray(quality, np.float64), np.nan)  # [T, M]
+    best = np.array([np.nanmax(col) if np.isfinite(col).any() else np.nan for col in q.T])
+    lag = best - np.asarray(student, np.float64)
+    return np.where(np.isfinite(lag), np.clip(lag, 0.0, None), 0.0)
+
+
+def focus_factors(lag: np.ndarray, sample_modality: np.ndarray, focus: float) -> np.ndarray:
+    """[M] each modality's distillation weight factor, 1 + focus * lag[m], scaled so that the mean factor over the
+    train samples is 1 (the total distillation weight is unchanged; it moves toward the lagging modalities)."""
+    raw = 1.0 + float(focus) * np.asarray(lag, np.float64)
+    counts = np.bincount(np.asarray(sample_modality, np.int64), minlength=len(raw))
+    mean = float(raw @ counts) / max(1, int(counts.sum()))
+    return raw / mean

@@ -29,6 +29,7 @@ from mmkd.training.losses import (
     clip_loss,
     distillation_loss,
     fd_per_sample,
+    image_structure,
     masked_interactive_contrastive,
     relational_distillation,
     weighted_mean,
@@ -152,10 +153,16 @@ class MeanObjective(FeatureObjective):
 
     def prepare(self, idx, fetched):
         w = self.weights(idx)
+        if self.sup.focus is not None:  # modality_focus: the lagging modalities' samples weigh more
+            w = w * torch.from_numpy(self.sup.focus[self.sup.modality[idx.numpy()]])[:, None]
         self.mass += w.sum(0)
         t_img, t_txt = fetched
-        return {"idx": idx, "w": w.float().to(self.device), "mask": (w > 0).to(self.device),
-                "t_img": _tensor(t_img, self.device), "t_txt": _tensor(t_txt, self.device)}
+        out = {"idx": idx, "w": w.float().to(self.device), "mask": (w > 0).to(self.device),
+               "t_img": _tensor(t_img, self.device), "t_txt": _tensor(t_txt, self.device)}
+        if self.cfg.structure_weight > 0:
+            mod = torch.from_numpy(np.asarray(self.sup.modality)[idx.numpy()])
+            out["same"] = (mod[:, None] == mod[None, :]).to(self.device)
+        return out
 
     def loss(self, img, txt, logit_scale, idx):
         b = self._prepared(idx)
@@ -167,8 +174,34 @@ class MeanObjective(FeatureObjective):
         icl = weighted_mean(masked_interactive_contrastive(s_img, s_txt, b["t_img"], b["t_txt"], b["mask"],
                                                            icl_scale), b["w"])
         total = task + self.cfg.fd_weight * fd + self.cfg.icl_weight * icl
-        return total, {"loss_task": task.item(), "loss_fd": fd.item(), "loss_icl": icl.item(),
-                       "icl_temperature": float(1.0 / icl_scale.detach())}
+        parts = {"loss_task": task.item(), "loss_fd": fd.item(), "loss_icl": icl.item(),
+                 "icl_temperature": float(1.0 / icl_scale.detach())}
+        if self.cfg.structure_weight > 0:
+            st = weighted_mean(image_structure(s_img, b["t_img"], b["mask"], b["same"],
+                                               1.0 / self.cfg.structure_temperature), b["w"])
+            total = total + self.cfg.structure_weight * st
+            parts["loss_structure"] = st.item()
+        return total, parts
+
+
+    def summary(self):
+        out = super().summary()
+        if self.sup.focus is not None:
+            for m, mod in enumerate(self.sup.modalities):
+                out[f"focus.{mod}"] = float(self.sup.focus[m])
+                if np.isfinite(self.sup.student_quality[m]):
+                    out[f"student_quality.{mod}"] = float(self.sup.student_quality[m])
+        return out
+
+    def report(self):
+        out = super().report()
+        if self.sup.focus is not None:
+            sq = self.sup.student_quality
+            out["modality_focus"] = self.cfg.modality_focus
+            out["focus"] = {mod: float(self.sup.focus[m]) for m, mod in enumerate(self.sup.modalities)}
+            out["student_quality"] = {mod: (float(sq[m]) if np.isfinite(sq[m]) else None)
+                                      for m, mod in enumerate(self.sup.modalities)}
+        return out
 
 
 class RoutedObjective(MeanObjective):

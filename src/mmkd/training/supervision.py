@@ -42,6 +42,8 @@ class Supervision:
     modalities: list[str] | None = None
     quality: np.ndarray | None = None     # [T, M] probe balanced accuracy (NaN: not measurable)
     routed: np.ndarray | None = None      # [M, T] bool: the teacher is declared for the modality
+    student_quality: np.ndarray | None = None  # [M] the stage-1 student's probe balanced accuracy (modality_focus)
+    focus: np.ndarray | None = None       # [M] distillation weight factor per modality (modality_focus; None: 1)
 
 
 def _open_shards(features) -> None:
