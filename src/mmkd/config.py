@@ -43,7 +43,7 @@ class EvalClassificationCfg(Strict):
     """Images per split of each modality's classification / retrieval set (balanced classes)."""
 
     train: int = Field(150, ge=3)
-    val: int = Field(40, ge=3)
+    val: int = Field(200, ge=3)  # selection (the gate, ablations): 40 per set was too few to choose between models
     test: int = Field(400, ge=3)
 
 
