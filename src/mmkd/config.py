@@ -471,7 +471,7 @@ class DistillCfg(Strict):
                                   "split: 0 weighs every modality alike")
 
     @model_validator(mode="after")
-    def _focus_needs_weights(self) -> "DistillCfg":
+    def _per_sample_weights_only(self) -> "DistillCfg":
         if self.structure_weight > 0 and self.strategy not in ("mean", "routed"):
             raise ValueError(f"distill.structure_weight: {self.structure_weight} needs each sample's teacher weights, "
                              f"which only the mean and routed strategies have (distill.strategy: {self.strategy}); "

@@ -212,7 +212,7 @@ def fit_maps(source, student, modality: np.ndarray, domains: dict[str, list[str]
     `procrustes`: one map per teacher, its raw image and text rows onto the student's (every row it has).
     `shared`: one map per teacher and declared modality (and one `*` map over all of them), fitted on that
     modality's rows with each teacher's and the student's modality means removed first (per kind: image, text),
-    so that the within-modality structure, which the modality cluster otherwise outweighs, is what is aligned;
+    so that the within-modality structure, which the modality cluster otherwise outweighs, is what is aligned.
     With `cfg.shrinkage` s > 0 a modality's cross-covariance is C_m + s * (n_m / n) * C_*: the map of a modality
     with few rows or weak structure leans toward the teacher's map over all its rows (s = 1: the two weigh alike).
     Then `cfg.iterations` refits onto a consensus: the student's centred row plus `cfg.consensus_weight` times

@@ -183,7 +183,6 @@ class MeanObjective(FeatureObjective):
             parts["loss_structure"] = st.item()
         return total, parts
 
-
     def summary(self):
         out = super().summary()
         if self.sup.focus is not None:
