@@ -57,6 +57,7 @@ def merged(base: dict, update: dict) -> dict:
 
 
 def train_variant(ctx, name: str, update: dict) -> Path:
+    from mmkd import atomic
     from mmkd.config import DistillCfg
     from mmkd.steps.align import current_sets
     from mmkd.steps.common import _device
@@ -76,7 +77,7 @@ def train_variant(ctx, name: str, update: dict) -> Path:
     distill(ws.stage1, ws.curated, ws.aligned_features, domains, cfg, p.seed, _device(ctx), out,
             teacher_dir=ws.teacher_features, raw_versions=dict(current_sets(ctx)) if reads_raw else None,
             state_dir=out.parent / f".state-{name}")
-    done.write_text(json.dumps(spec, sort_keys=True))
+    atomic.write_json(done, spec, sort_keys=True)
     print(f"[{name}] trained in {time.perf_counter() - t0:.0f} s", flush=True)
     return out
 
@@ -100,6 +101,7 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=None, help="results JSON (default: ROOT/artifacts/ablation/results.json)")
     args = ap.parse_args()
 
+    from mmkd import atomic
     from mmkd.evaluation.stats import paired_bootstrap, plan_ci, resample_plan
     from mmkd.steps.common import Context, _device
     from mmkd.steps.evaluate import load_model
@@ -129,8 +131,8 @@ def main() -> None:
         return [stat(np.arange(len(a))), *plan_ci(stat, plan)]
 
     def paired(a, b, items=None):
-        if items is None:
-            return paired_bootstrap(lambda i: w[i] @ a[i], lambda i: w[i] @ b[i], plan, selection.n)
+        if items is None:  # the gate's own comparison: weighted mean over sets, stratified by set and class
+            return {k: v for k, v in selection.compare(a, b, seed, margin=0.0).items() if k != "per_set"}
         sub = resample_plan(len(items), seed, strata=strata[items])
         return paired_bootstrap(lambda i: a[items][i].mean(), lambda i: b[items][i].mean(), sub, len(items))
 
@@ -152,7 +154,7 @@ def main() -> None:
         result["per_set"][s.name] = row
     out = args.out or ctx.ws.root / ctx.params.paths.artifacts / "ablation" / "results.json"
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=1, sort_keys=True))
+    atomic.write_json(out, result, indent=1, sort_keys=True)
     print_tables(result, [n for n, _ in variants], teachers)
     print(f"results: {out}")
 

@@ -98,6 +98,7 @@ def test_routed_with_image_structure_and_modality_focus_from_the_stores(aligned,
     save_checkpoint(create_model("mmkd-student-tiny"), tmp_path / "stage1", "mmkd-student-tiny")
     cfg = DistillCfg(strategy="routed", structure_weight=1.0, modality_focus=3.0,
                      train=TrainCfg(epochs=1, batch_size=32, warmup_steps=1))
+    (tmp_path / ".focus-killed" / "x").mkdir(parents=True)  # the scratch of a run killed before it cleaned up
     hist = distill(tmp_path / "stage1", curated, features / "aligned", DOMAINS, cfg, 0, CPU, tmp_path / "student",
                    teacher_dir=features / "raw")
     assert hist["loss_structure"] > 0
@@ -110,7 +111,7 @@ def test_routed_with_image_structure_and_modality_focus_from_the_stores(aligned,
     mean = sum(weights["focus"][m] for m in mods) / len(mods)
     assert mean == pytest.approx(1.0) and min(weights["focus"].values()) > 0
     assert hist[f"focus.{mods[0]}"] == pytest.approx(weights["focus"][mods[0]])
-    assert not list(tmp_path.glob(".focus-*"))  # the student's probe embeddings were scratch
+    assert not list(tmp_path.glob(".focus-*"))  # the student's probe embeddings were scratch; a stale one is gone
 
 
 def test_routed_and_relational_need_the_raw_store(aligned, tmp_path):

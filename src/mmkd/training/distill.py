@@ -107,11 +107,14 @@ def _student_quality(stage1_dir: Path, curated_dir: Path, probe: list[dict], mod
                      device, scratch_parent: Path) -> np.ndarray:
     """[M] the stage-1 student's probe quality per modality, on the measure the teachers' is taken with
     (quality.teacher_quality over its own image and caption embeddings of the probe split)."""
+    import shutil
     import tempfile
 
     from mmkd.features.student import student_embeddings
 
     Path(scratch_parent).mkdir(parents=True, exist_ok=True)
+    for stale in Path(scratch_parent).glob(".focus-*"):  # a killed run's (one writer per workspace: none is live)
+        shutil.rmtree(stale, ignore_errors=True)
     with tempfile.TemporaryDirectory(dir=scratch_parent, prefix=".focus-") as scratch:
         rows = student_embeddings(stage1_dir, curated_dir, probe, device, Path(scratch))
         try:
