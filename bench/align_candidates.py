@@ -24,12 +24,7 @@ import numpy as np
 if __name__ == "__main__":
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
-
-def parse(spec: str) -> tuple[str, dict]:
-    import yaml
-
-    name, _, rest = spec.partition("=")
-    return name, {k: yaml.safe_load(v) for k, _, v in (i.partition("=") for i in filter(None, rest.split(",")))}
+from strategies_ablation import parse_variant  # noqa: E402 (bench/ is the script's folder, first on sys.path)
 
 
 def main() -> None:
@@ -38,6 +33,8 @@ def main() -> None:
     ap.add_argument("--candidate", action="append", default=[], help="NAME=KEY=VALUE,... (align: keys)")
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args()
+
+    import torch
 
     from mmkd.features import diagnostics
     from mmkd.features.align import Streamed
@@ -63,14 +60,12 @@ def main() -> None:
     source_held = Streamed(raw, sets, train.keys[held])
     parts = source_held.batch(np.arange(len(held)))
     available = {t: np.asarray(source_held.available[:, j], bool) for j, t in enumerate(source_held.names)}
-    candidates = [("procrustes", {"method": "procrustes"})] + [parse(c) for c in args.candidate]
+    candidates = [("procrustes", {"method": "procrustes"})] + [parse_variant(c) for c in args.candidate]
     result = {}
     for name, update in candidates:
         cfg = p.align.model_copy(update=update)
         maps = fit_maps(source_fit, InMemory(student[0][fit], student[1][fit]), train.modality[fit], domains,
                         cfg.method, cfg)
-        import torch
-
         images = {t: maps.project(t, torch.from_numpy(np.asarray(parts[t][0])),
                                   train.modality[held]).numpy() for t in source_held.names}
         rows_ = diagnostics.shared_space(images, available, train.modality[held], domains, p.seed)
