@@ -491,5 +491,6 @@ def test_structure_weight_adds_the_image_structure_term_to_mean_and_routed():
         rows.append(-(p * np_log_softmax([10 * S_IMG[i] @ S_IMG[j] for j in cand])).sum())
     assert parts["loss_structure"] == pytest.approx(float(np.mean(rows)), rel=1e-5)
     assert loss == pytest.approx(plain + 2.0 * parts["loss_structure"], rel=1e-5)
-    with pytest.raises(ValidationError, match="structure_weight"):
-        cfg(strategy="reference", structure_weight=1.0)
+    for strategy in ("reference", "relational"):
+        with pytest.raises(ValidationError, match="structure_weight"):
+            cfg(strategy=strategy, structure_weight=1.0)
