@@ -39,7 +39,8 @@ class ModelServer:
     def __init__(self, tracking_uri: str, log: Path, model: str = "models:/mmkd-student@champion"):
         self.log, self.port = log, free_port()
         bin_dir = Path(sys.executable).parent  # `mlflow` and the `uvicorn` it execs: this environment's scripts
-        env = {**os.environ, "MLFLOW_TRACKING_URI": tracking_uri,
+        # TMPDIR: MLflow downloads the model into a temp folder it never removes; the test's folder, not /tmp
+        env = {**os.environ, "MLFLOW_TRACKING_URI": tracking_uri, "TMPDIR": str(log.parent),
                "PATH": f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}"}
         cmd = [str(bin_dir / "mlflow"), "models", "serve", "-m", model, "--env-manager", "local",
                "--host", "127.0.0.1", "-p", str(self.port)]

@@ -98,7 +98,7 @@ def test_mlflow_holds_the_run_tree(smoke_run):
     assert all(r.info.status == "FINISHED" for r in children)
 
 
-def test_champion_model_loads_and_embeds(smoke_run):
+def test_champion_model_loads_and_embeds(smoke_run, tmp_path):
     import mlflow
     import pandas as pd
 
@@ -107,7 +107,7 @@ def test_champion_model_loads_and_embeds(smoke_run):
     reg = smoke_run["result"]["registration"]
     mlflow.set_tracking_uri(reg["tracking_uri"])
     mlflow.set_registry_uri(reg["tracking_uri"])
-    model = mlflow.pyfunc.load_model("models:/mmkd-student@champion")
+    model = mlflow.pyfunc.load_model("models:/mmkd-student@champion", dst_path=str(tmp_path))  # not a leaked /tmp dir
     png = next((smoke_run["root"] / "data" / "images" / "xray" / "test").glob("*.png"))
     out = model.predict(pd.DataFrame({"image": [encode_image_b64(png), None],
                                       "text": ["Chest radiograph showing a left pleural effusion.", "a CT scan"]}))

@@ -174,16 +174,16 @@ def test_the_margin_decides_on_the_paired_lower_bound(registry):
 
 
 def test_a_champion_that_cannot_be_scored_is_replaced_and_the_reason_says_so(registry):
-    from mmkd.steps.register import _champion_checkpoint
+    from mmkd.steps.register import _champion_encoder
 
     client = registry["client"]
     old = cheap_version(client, "legacy")  # registered by hand: no mmkd student behind it
     client.set_registered_model_alias("legacy", "champion", old)
     with pytest.raises(ChampionUnscorable, match="No such artifact"):
-        _champion_checkpoint(registry["uri"], "legacy", old)
+        _champion_encoder(registry["uri"], "legacy", old, "cpu")
 
     def compare(version):
-        return _champion_checkpoint(registry["uri"], "legacy", version)
+        return _champion_encoder(registry["uri"], "legacy", version, "cpu")
 
     d = gate(client, "legacy", cheap_version(client, "legacy"), 0.1, METRIC, compare)
     assert d.promoted and d.champion_score is None and d.previous_champion_version == old

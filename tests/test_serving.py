@@ -72,14 +72,14 @@ def inputs(smoke_run, tmp_path_factory) -> dict:
 
 
 @pytest.fixture(scope="module")
-def pyfunc(smoke_run):
+def pyfunc(smoke_run, tmp_path_factory):
     """The registered champion as MLflow loads it (the reference every path must agree with)."""
     import mlflow
 
     from mmkd.tracking.pyfunc import _mlflow_uris
 
-    with _mlflow_uris(smoke_run["tracking_uri"]):
-        return mlflow.pyfunc.load_model(DEFAULT_MODEL)
+    with _mlflow_uris(smoke_run["tracking_uri"]):  # dst_path: MLflow's default is a /tmp folder never removed
+        return mlflow.pyfunc.load_model(DEFAULT_MODEL, dst_path=str(tmp_path_factory.mktemp("pyfunc")))
 
 
 def cli(smoke_run, *args: str):
@@ -234,3 +234,18 @@ def test_serving_limits_refuse_from_the_header_and_name_the_row(inputs, pyfunc, 
     with pytest.raises(ServingRefusal) as err:
         pyfunc.predict(pd.DataFrame({"image": [good, b64(png16_bomb(6000, 5000))], "text": [None, None]}))
     assert err.value.get_http_status_code() == 413 and err.value.message.startswith("row 1: too large")
+
+
+def test_loading_a_registered_student_leaves_no_download_behind(smoke_run, tmp_path, monkeypatch):
+    """MLflow downloads a model from a remote tracking server into a fresh temp folder it never removes (one model's
+    worth of disk per load); mmkd's loaders download into their own and remove it once the weights are loaded."""
+    import tempfile
+
+    import open_clip
+
+    import mmkd
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))  # where both MLflow's and mmkd's temp folders go
+    model = mmkd.load(DEFAULT_MODEL, tracking_uri=smoke_run["tracking_uri"])
+    assert isinstance(model, open_clip.CLIP)
+    assert list(tmp_path.iterdir()) == []

@@ -84,8 +84,8 @@ def align(work: Path, args) -> dict:
     projected, the probe split's diagnostics."""
     import torch
 
+    from mmkd.data.split_table import SplitTable
     from mmkd.data.splits import SPLITS
-    from mmkd.data.store import split_records
     from mmkd.features.align import KeyModality, Split, student_embeddings
     from mmkd.features.align import align as run
     from mmkd.features.store import FeatureStore
@@ -97,14 +97,12 @@ def align(work: Path, args) -> dict:
     sets = [(s["teacher"], s["version"]) for s in store.sets()]
     store.close()
 
-    def split(name):
-        records = split_records(work / "curated", name, ("key", "modality", "labels", "caption"))
-        return records, Split(np.array([r["key"] for r in records], dtype="S32"),
-                              np.array([r["modality"] or "unknown" for r in records]),
-                              [(r.get("labels") or {}).get("finding") for r in records])
+    def split(name, labelled=False):  # as the step's _split
+        table = SplitTable(work / "curated", name)
+        return table, Split(table.keys, table.modality_of("unknown"), table.findings() if labelled else None)
 
     records, train = split("train")
-    _, probe = split("probe")
+    _, probe = split("probe", labelled=True)
     student = student_embeddings(work / "stage1", work / "curated", records, torch.device("cpu"),
                                  work / "align-student")  # on disk, read back by chunk (as the step does)
     pairs, records = len(records), None  # captions: only the embeddings needed them (the step drops them too)
@@ -146,7 +144,8 @@ def stage1(work: Path, args) -> dict:
     import torch
     from unittest import mock
 
-    from mmkd.data.store import load_curated
+    from mmkd.data.split_table import SplitTable
+    from mmkd.data.store import open_images
     from mmkd.models.factory import input_size
     from mmkd.training import clip as clip_mod
     from mmkd.training.loop import tokenize_all
@@ -155,14 +154,16 @@ def stage1(work: Path, args) -> dict:
     p = params()
     name, cfg = p.pretrain.model, p.pretrain.train.model_copy(update={"epochs": 1, "prefetch": 0})
     t0 = time.perf_counter()
-    records, images = load_curated(work / "curated", "train", input_size(name), ("caption",))
-    captions = [r["caption"] for r in records]
+    records = SplitTable(work / "curated", "train")  # as the pretrain step reads the split
+    images = open_images(work / "curated", records, input_size(name))
+    captions = records.captions()
     tokens = tokenize_all(open_clip.get_tokenizer(name), captions)
     setup = time.perf_counter() - t0
     reads = _epoch_reads(images, tokens, cfg.batch_size)
     with mock.patch.object(clip_mod, "train", _limited(STEP_BATCHES * cfg.batch_size)), \
             open(os.devnull, "w") as null, contextlib.redirect_stderr(null):
-        hist = clip_mod.train_clip(name, images, captions, cfg, p.seed, torch.device("cpu"), work / "stage1", "stage1")
+        hist = clip_mod.train_clip(name, images, captions, cfg, p.seed, torch.device("cpu"), work / "stage1", "stage1",
+                                   keys=records.key_strings())
     return {"pairs": len(records), "setup_seconds": setup, "read_epoch_seconds": reads,
             "step_seconds": hist["train_seconds"] / hist["steps"], "batch": cfg.batch_size}
 
@@ -172,7 +173,8 @@ def stage2(work: Path, args) -> dict:
     import torch
     from unittest import mock
 
-    from mmkd.data.store import load_curated
+    from mmkd.data.split_table import SplitTable
+    from mmkd.data.store import open_images
     from mmkd.features.reader import TeacherFeatures
     from mmkd.features.store import FeatureStore
     from mmkd.models.factory import input_size
@@ -183,11 +185,11 @@ def stage2(work: Path, args) -> dict:
     p = params()
     name, cfg = p.pretrain.model, p.distill.train.model_copy(update={"epochs": 1, "prefetch": 0})
     t0 = time.perf_counter()
-    records, images = load_curated(work / "curated", "train", input_size(name), ("caption", "key"))
-    tokens = tokenize_all(open_clip.get_tokenizer(name), [r["caption"] for r in records])
+    records = SplitTable(work / "curated", "train")  # as distill reads the split
+    images = open_images(work / "curated", records, input_size(name))
+    tokens = tokenize_all(open_clip.get_tokenizer(name), records.captions())
     store = FeatureStore(work / "aligned")
-    feats = TeacherFeatures(store, [(s["teacher"], s["version"]) for s in store.sets()],
-                            np.array([r["key"] for r in records], dtype="S32"))
+    feats = TeacherFeatures(store, [(s["teacher"], s["version"]) for s in store.sets()], records.keys)
     setup = time.perf_counter() - t0
     reads = _epoch_reads(images, tokens, cfg.batch_size, feats)
     store.close()
@@ -203,22 +205,20 @@ def stage2(work: Path, args) -> dict:
 
 
 def encode(work: Path, args) -> dict:
-    import open_clip
+    """The distilled student's embeddings of the test split (images from the decoded views, then captions), chunk
+    by chunk to disk with features.student (the code align embeds the train split with): a corpus-sized split is
+    never held. Evaluation's metrics then hold one evaluation dataset's [n, d] rows, sized by that dataset."""
     import torch
 
-    from mmkd.data.store import load_curated
-    from mmkd.models.encoder import ClipEncoder
-    from mmkd.models.factory import input_size, load_checkpoint
+    from mmkd.data.split_table import SplitTable
+    from mmkd.features.student import student_embeddings
 
     torch.set_num_threads(2)
-    model, meta = load_checkpoint(work / "student", torch.device("cpu"))
-    enc = ClipEncoder("student", model, open_clip.get_tokenizer(meta["model"]), torch.device("cpu"))
-    records, images = load_curated(work / "curated", "test", input_size(meta["model"]), ("caption",))
-    out = []
-    for at in range(0, len(records), 1024):  # evaluation's embedding pass: images, then captions
-        out.append(enc.encode_images(np.asarray(images[np.arange(at, min(at + 1024, len(records)))])))
-        enc.encode_texts([r["caption"] for r in records[at:at + 1024]])
-    return {"pairs": len(records), "dim": int(out[0].shape[1])}
+    records = SplitTable(work / "curated", "test")
+    rows = student_embeddings(work / "student", work / "curated", records, torch.device("cpu"), work / "encoded")
+    out = {"pairs": len(records), "dim": rows.dim, "disk_bytes": disk_bytes(work / "encoded")}
+    rows.close()
+    return out
 
 
 STAGES = {"curate": curate, "validate": validate, "cache_features": cache_features, "align": align,

@@ -55,16 +55,14 @@ def data_report(root: Path = RootOpt, params: Optional[Path] = ParamsOpt, profil
 def features_stats(root: Path = RootOpt, params: Optional[Path] = ParamsOpt, profile: Optional[str] = ProfileOpt,
                    as_json: bool = typer.Option(False, "--json", help="machine-readable output")):
     """Coverage of each curated split per teacher, rows, shards and size on disk of the feature stores."""
-    import numpy as np
-
     from mmkd.data.splits import SPLITS
-    from mmkd.data.store import split_records
+    from mmkd.data.split_table import SplitTable
     from mmkd.features.store import FeatureError, FeatureStore
 
     ctx = _context(root, params, profile)
     keys = {}
     if (ctx.ws.curated / "manifest.jsonl").exists():
-        keys = {s: np.array([r["key"] for r in split_records(ctx.ws.curated, s)], dtype="S32") for s in SPLITS}
+        keys = {s: SplitTable(ctx.ws.curated, s).keys for s in SPLITS}  # columns: no record dicts
     out = {}
     for label, folder in (("teachers", ctx.ws.teacher_features), ("aligned", ctx.ws.aligned_features)):
         try:

@@ -32,6 +32,7 @@ from mmkd.data.generation import resolve
 from mmkd.data.imaging import square_view
 from mmkd.data.index import THUMB
 from mmkd.data.manifest import read_manifest
+from mmkd.data.split_table import shard_counts
 from mmkd.data.splits import SPLITS
 
 
@@ -246,7 +247,8 @@ class ShardImages(SplitImages):
         self.shape = (len(records), size, size, 3)
         # opened now, like the memory-mapped views: a later curation run switching in a new generation (whose
         # shards may reuse these names) cannot change what this object reads
-        self.fds = {s: os.open(self.dir / "shards" / f"{s}.tar", os.O_RDONLY) for s in {r["shard"] for r in records}}
+        names = getattr(records, "shard_names", None) or {r["shard"] for r in records}  # a SplitTable knows them
+        self.fds = {s: os.open(self.dir / "shards" / f"{s}.tar", os.O_RDONLY) for s in names}
 
     def __del__(self):
         for fd in getattr(self, "fds", {}).values():
@@ -262,9 +264,8 @@ class ShardImages(SplitImages):
         return out
 
 
-def split_records(curated_dir: Path, split: str, fields: tuple[str, ...] | None = None) -> list[dict]:
-    """Records of one split in shard order; `fields` keeps only those keys (plus shard and row), so a consumer
-    of a large corpus holds a few small values per record rather than the whole manifest."""
+def manifest_path(curated_dir: Path) -> Path:
+    """The live manifest, checked cheaply: it exists and has the size checksums.json recorded."""
     curated_dir = resolve(curated_dir)
     path = curated_dir / "manifest.jsonl"
     if not path.exists():
@@ -273,6 +274,13 @@ def split_records(curated_dir: Path, split: str, fields: tuple[str, ...] | None 
     if want is not None and path.stat().st_size != want["size"]:
         raise CurationError(f"{path}: {path.stat().st_size} bytes, {checksums.NAME} says {want['size']}: the "
                             "store is damaged; run `mmkd verify`, then curate again")
+    return path
+
+
+def split_records(curated_dir: Path, split: str, fields: tuple[str, ...] | None = None) -> list[dict]:
+    """Records of one split in shard order; `fields` keeps only those keys (plus shard and row), so a consumer
+    of a large corpus holds a few small values per record rather than the whole manifest."""
+    path = manifest_path(curated_dir)
     keep = None if fields is None else {*fields, "shard", "row"}
     records = []
     with open(path, encoding="utf-8") as fh:  # streamed: other splits' lines are never all in memory
@@ -292,11 +300,11 @@ def load_curated(curated_dir: Path, split: str, size: int | None = None, fields:
     return records, open_images(curated_dir, records, size)
 
 
-def open_images(curated_dir: Path, records: list[dict], size: int | None = None) -> SplitImages:
-    """The images of one split's records (from split_records) at `size` px. They come from the decoded views,
-    memory-mapped, when curation wrote that size (size None: the first of curate.decoded_sizes), else from
-    the shards. Raises CurationError naming the shard when a file is missing, or its size or rows disagree with
-    checksums.json and the manifest."""
+def open_images(curated_dir: Path, records, size: int | None = None) -> SplitImages:
+    """The images of one split's records (a list from split_records, or a SplitTable) at `size` px. They come from
+    the decoded views, memory-mapped, when curation wrote that size (size None: the first of curate.decoded_sizes),
+    else from the shards. Raises CurationError naming the shard when a file is missing, or its size or rows disagree
+    with checksums.json and the manifest."""
     curated_dir = resolve(curated_dir)
     summary = json.loads((curated_dir / "summary.json").read_text())
     decoded = summary.get("decoded_sizes") or []
@@ -304,13 +312,7 @@ def open_images(curated_dir: Path, records: list[dict], size: int | None = None)
         if not decoded:
             raise CurationError(f"{curated_dir}: no decoded views (curate.decoded_sizes is empty); pass a size")
         size = decoded[0]
-    counts: dict[str, int] = {}
-    for r in records:  # records come sorted by (shard, row): row i of a shard is its i-th record
-        if r["row"] != counts.get(r["shard"], 0):
-            raise CurationError(f"{curated_dir}: shard {r['shard']}: manifest row {r['row']} where row "
-                                f"{counts.get(r['shard'], 0)} was expected (records not from split_records, or a "
-                                "damaged manifest)")
-        counts[r["shard"]] = counts.get(r["shard"], 0) + 1
+    counts = shard_counts(curated_dir, records)
     views = size in decoded
     problems = checksums.cheap_problems(curated_dir, counts, [size] if views else [], checksums.load(curated_dir),
                                         (f"decoded {size}",) if views else ("tar",))

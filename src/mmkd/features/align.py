@@ -84,22 +84,31 @@ class KeyModality:
     of bytes keys to names costs ~200). lookup(keys) -> names, "unknown" for a key it does not hold."""
 
     def __init__(self, keys: np.ndarray, modality: np.ndarray):
-        keys = np.asarray(keys, dtype="S32")
+        names, codes = np.unique(np.asarray(modality).astype(str), return_inverse=True)
+        self._sorted(np.asarray(keys, dtype="S32"), codes.astype(np.int32), names)
+
+    def _sorted(self, keys: np.ndarray, codes: np.ndarray, names: np.ndarray) -> None:
         order = np.argsort(keys, kind="stable")
-        self.names, codes = np.unique(np.asarray(modality).astype(str), return_inverse=True)
-        self.keys, self.codes = keys[order], codes[order].astype(np.int32)
+        self.names, self.keys, self.codes = names, keys[order], codes[order]
 
     @classmethod
     def read(cls, curated_dir: Path, splits) -> "KeyModality":
-        """Every key of the curated store's `splits`, read one split at a time (no record dicts kept)."""
-        from mmkd.data.store import split_records
+        """Every key of the curated store's `splits`, read one split at a time as columns: keys and modality codes,
+        never an array of names per key (at 1 M keys, names and their sort cost 300 MiB at the peak)."""
+        from mmkd.data.split_table import SplitTable
 
-        keys, mods = [], []
+        index: dict[str, int] = {}
+        keys, codes = [], []
         for name in splits:
-            records = split_records(curated_dir, name, ("key", "modality"))
-            keys.append(np.array([r["key"] for r in records], dtype="S32"))
-            mods.append(np.array([r["modality"] or "unknown" for r in records], dtype=str))
-        return cls(np.concatenate(keys), np.concatenate(mods))
+            table = SplitTable(curated_dir, name)
+            lut = np.array([index.setdefault("unknown" if m is None else m, len(index))
+                            for m in table.modality_names] or [0], np.int32)
+            keys.append(table.keys)
+            codes.append(lut[table.modality])
+            del table
+        out = cls.__new__(cls)
+        out._sorted(np.concatenate(keys), np.concatenate(codes), np.array(list(index) or ["unknown"]))
+        return out
 
     def lookup(self, keys: np.ndarray) -> np.ndarray:
         keys = np.asarray(keys, dtype="S32")

@@ -34,6 +34,7 @@ import numpy as np
 from mmkd.features.checks import (FeatureError, KEY_DTYPE, add_checksums, check_shard,  # noqa: F401
                                   read_sums, set_digest, sums_of_files)
 from mmkd.features.keyindex import KeyIndex
+from mmkd.features.rows import RowReader
 from mmkd.features.upkeep import StoreUpkeep
 from mmkd.features.shards import DTYPES, ShardWriter, validate_rows, write_shard  # noqa: F401 (the store's API)
 from mmkd.features.reader import TeacherFeatures  # noqa: F401 (the store's API)
@@ -65,6 +66,8 @@ class FeatureStore(StoreUpkeep):
         self._maps: dict[int, tuple[np.ndarray, np.ndarray]] = {}
         self._mmaps: list[np.memmap] = []
         self._keys_ok: set[int] = set()  # shards whose keys.npy `confirm` checked
+        self._checked: dict[int, Path] = {}  # shards checked on first open -> their path prefix
+        self.rows = RowReader()
         if "sums" not in {c[1] for c in self.db.execute("PRAGMA table_info(shards)")}:
             add_checksums(self.db, self._prefix)
         self.index = KeyIndex(self.db, self.root, hash_on_open)
@@ -100,6 +103,7 @@ class FeatureStore(StoreUpkeep):
 
     def close(self) -> None:
         self.release()
+        self.rows.close()
         self.db.close()
 
     # ------------------------------------------------------------------ sets and index
@@ -200,6 +204,8 @@ class FeatureStore(StoreUpkeep):
                     self.db.execute(f"DELETE FROM {table} WHERE teacher=? AND version=?", (s["teacher"], s["version"]))
             self._maps.clear()
             self._mmaps.clear()
+            self._checked.clear()
+            self.rows.close()
             for folder in (self.root / "shards" / s["teacher"] / s["version"],
                            self.root / "keyindex" / s["teacher"] / s["version"]):
                 for f in folder.glob("*"):
@@ -240,16 +246,23 @@ class FeatureStore(StoreUpkeep):
         t, v, u, _, _ = self._shard(shard_id)
         return np.load(f"{self._prefix(t, v, u)}.keys.npy")
 
-    def arrays(self, shard_id: int) -> tuple[np.ndarray, np.ndarray]:
-        """(image, text) of one shard, memory-mapped read-only; checked the first time (FeatureError if damaged)."""
-        if shard_id not in self._maps:
+    def checked(self, shard_id: int) -> Path:
+        """The path prefix of one shard, checked the first time this process asks (FeatureError if damaged)."""
+        if shard_id not in self._checked:
             problems = self.check(shard_id, self.hash_on_open)
             t, v, u, _, _ = self._shard(shard_id)
             if problems:
                 raise FeatureError(f"feature shard {t}@{v}/{u} of {self.root} is damaged: " + "; ".join(problems)
                                    + ". Its rows must be recomputed: `mmkd verify --repair` drops damaged shards, "
                                    "then re-run cache_features (raw store) or align (aligned store)")
-            prefix = self._prefix(t, v, u)
+            self._checked[shard_id] = self._prefix(t, v, u)
+        return self._checked[shard_id]
+
+    def arrays(self, shard_id: int) -> tuple[np.ndarray, np.ndarray]:
+        """(image, text) of one shard, memory-mapped read-only (for passes over whole shards, which release the
+        pages as they go; scattered rows: `gather`); checked the first time (FeatureError if damaged)."""
+        if shard_id not in self._maps:
+            prefix = self.checked(shard_id)
             maps = (np.load(f"{prefix}.image.npy", mmap_mode="r"), np.load(f"{prefix}.text.npy", mmap_mode="r"))
             self._mmaps.extend(maps)
             # plain ndarray views of the maps: indexing them skips np.memmap's per-call subclass overhead
@@ -265,7 +278,8 @@ class FeatureStore(StoreUpkeep):
                 mm.madvise(mmap.MADV_DONTNEED)
 
     def gather(self, shard: np.ndarray, row: np.ndarray, dim: int) -> tuple[np.ndarray, np.ndarray]:
-        """float32 [n, dim] image and text rows at (shard, row); zeros where shard == -1."""
+        """float32 [n, dim] image and text rows at (shard, row); zeros where shard == -1. Read with pread
+        (features.rows): scattered rows through the maps would put whole shards in this process's RSS."""
         img = np.zeros((len(shard), dim), np.float32)
         txt = np.zeros((len(shard), dim), np.float32)
         order = np.argsort(shard, kind="stable")
@@ -275,9 +289,9 @@ class FeatureStore(StoreUpkeep):
             if s < 0:
                 continue
             sel = order[a:b]
-            a_img, a_txt = self.arrays(int(s))
-            r = row[sel]
-            img[sel], txt[sel] = a_img[r], a_txt[r]
+            prefix = self.checked(int(s))
+            img[sel] = self.rows.read(f"{prefix}.image.npy", row[sel])
+            txt[sel] = self.rows.read(f"{prefix}.text.npy", row[sel])
         return img, txt
 
     def set_digest(self, teacher: str, version: str) -> str:

@@ -98,10 +98,11 @@ def as_rows(student) -> "InMemory | StudentRows":
     return InMemory(*student) if isinstance(student, (tuple, list)) else student
 
 
-def student_embeddings(stage1_dir: Path, curated_dir: Path, records: list[dict], device, folder: Path,
+def student_embeddings(stage1_dir: Path, curated_dir: Path, records, device, folder: Path,
                        batch: int = 256, chunk: int = 4096) -> StudentRows:
-    """The stage-1 student's unit image and caption embeddings of `records` (split_records order), written to
-    `folder` chunk by chunk: memory is one chunk of images and embeddings whatever the number of records."""
+    """The stage-1 student's unit image and caption embeddings of `records` (a SplitTable, or a split_records
+    list), written to `folder` chunk by chunk: memory is one chunk of images and embeddings whatever the number
+    of records (a SplitTable's captions are read a chunk at a time too)."""
     import open_clip
 
     from mmkd.data.store import open_images
@@ -111,13 +112,14 @@ def student_embeddings(stage1_dir: Path, curated_dir: Path, records: list[dict],
     model, meta = load_checkpoint(stage1_dir, device)
     enc = ClipEncoder("student_stage1", model, open_clip.get_tokenizer(meta["model"]), device)
     images = open_images(curated_dir, records, image_spec(model).size)
+    captions = records.captions() if hasattr(records, "captions") else [r["caption"] for r in records]
 
     def chunks():
         for at in range(0, len(records), chunk):
             sel = np.arange(at, min(len(records), at + chunk))
             img = enc.encode_images(np.asarray(images[sel]), batch)
             images.release()  # the decoded views read so far leave this process's RSS (they stay in the page cache)
-            yield img, enc.encode_texts([records[i]["caption"] for i in sel], batch)
+            yield img, enc.encode_texts(captions[at:at + len(sel)], batch)
 
     rows = write_rows(folder, len(records), int(enc.embed_dim), chunks())
     images.release()

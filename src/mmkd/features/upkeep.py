@@ -118,7 +118,10 @@ class StoreUpkeep:
             gone = self.index.merge(t, v, runs, max((r[1] for r in runs), default=0)) if runs else []
         self.index.remove_files(t, v, gone)
         self._maps.pop(shard_id, None)
+        self._checked.pop(shard_id, None)
         self._keys_ok.discard(shard_id)
+        for kind in ("image", "text"):
+            self.rows.forget(f"{self._prefix(t, v, u)}.{kind}.npy")
         for f in self._prefix(t, v, u).parent.glob(f"{u}.*"):
             f.unlink()
         return f"{t}@{v}/{u}"

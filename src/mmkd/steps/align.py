@@ -22,16 +22,13 @@ def current_sets(ctx: Context) -> list[tuple[str, str]]:
     return [(s.name, held[s.name]["version"]) for s in ctx.params.teachers.registry]
 
 
-def _split(ctx: Context, name: str):
-    import numpy as np
-
-    from mmkd.data.store import split_records
+def _split(ctx: Context, name: str, labelled: bool = False):
+    """(records as a SplitTable, its Split); class labels only where asked (the probe split's diagnostic)."""
+    from mmkd.data.split_table import SplitTable
     from mmkd.features.align import Split
 
-    records = split_records(ctx.ws.curated, name, ("key", "modality", "labels", "caption"))
-    return records, Split(np.array([r["key"] for r in records], dtype="S32"),
-                          np.array([r["modality"] or "unknown" for r in records]),
-                          [(r.get("labels") or {}).get("finding") for r in records])
+    table = SplitTable(ctx.ws.curated, name)
+    return table, Split(table.keys, table.modality_of("unknown"), table.findings() if labelled else None)
 
 
 def step_align(ctx: Context, run: StepRun) -> dict:
@@ -58,12 +55,12 @@ def _align(ctx: Context, run: StepRun, scratch) -> dict:
     run.log_params({"align": p.align.model_dump(), "student_model": p.pretrain.model})
     latent = model_config(p.pretrain.model)["embed_dim"]
     records, train = _split(ctx, "train")
-    _, probe = _split(ctx, "probe")
+    _, probe = _split(ctx, "probe", labelled=True)
     student = None
     if p.align.method != "autoencoder" or p.align.anchor_weight > 0 or len(probe.keys):
         # the anchor of the shared space, and of the Procrustes baseline the diagnostic compares against
         student = student_embeddings(ws.stage1, ws.curated, records, _device(ctx), scratch)
-    del records  # captions: only the embeddings needed them
+    del records  # its captions: only the embeddings needed them
     domains = {s.name: list(s.modalities) for s in p.teachers.registry}
     modality_of = KeyModality.read(ws.curated, SPLITS)  # it picks the per-modality map that projects each key
     stats = align(ws.teacher_features, current_sets(ctx), train, ws.aligned_features, latent, p.align, p.seed,

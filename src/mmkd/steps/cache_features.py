@@ -62,12 +62,10 @@ def step_cache_features(ctx: Context, run: StepRun) -> dict:
 
 def feature_summary(ctx: Context, store, loaded) -> dict:
     """Per teacher: version, dim, dtype, rows, shards and coverage of each curated split."""
-    import numpy as np
-
-    from mmkd.data.store import split_records
+    from mmkd.data.split_table import SplitTable
     from mmkd.data.splits import SPLITS
 
-    keys = {s: np.array([r["key"] for r in split_records(ctx.ws.curated, s)], dtype="S32") for s in SPLITS}
+    keys = {s: SplitTable(ctx.ws.curated, s).keys for s in SPLITS}  # columns: no record dicts
     stats = store.stats(keys)
     current = {(spec.name, enc.version) for spec, enc in loaded}
     teachers = {s["teacher"]: {k: s[k] for k in ("version", "dim", "dtype", "rows", "shards", "coverage")}

@@ -31,16 +31,18 @@ def _encoder(name: str, checkpoint, device):
     return ClipEncoder(name, model, open_clip.get_tokenizer(meta["model"]), device)
 
 
-def _champion_checkpoint(tracking_uri: str, model_name: str, version: str):
-    """The champion's checkpoint folder, downloaded from the registry; ChampionUnscorable when the version holds
-    no mmkd student (registered by hand, artifacts gone)."""
+def _champion_encoder(tracking_uri: str, model_name: str, version: str, device):
+    """The champion as an encoder, from its checkpoint downloaded from the registry (the download is removed once
+    the weights are loaded); ChampionUnscorable when the version holds no mmkd student (registered by hand,
+    artifacts gone)."""
     from mlflow.exceptions import MlflowException
 
     from mmkd.tracking.gate import ChampionUnscorable
     from mmkd.tracking.pyfunc import checkpoint_dir
 
     try:
-        return checkpoint_dir(f"models:/{model_name}/{version}", tracking_uri)
+        with checkpoint_dir(f"models:/{model_name}/{version}", tracking_uri) as folder:
+            return _encoder("champion", folder, device)
     except (FileNotFoundError, ValueError) as e:
         raise ChampionUnscorable(str(e)) from e
     except MlflowException as e:
@@ -71,8 +73,7 @@ def step_register(ctx: Context, run: StepRun) -> dict:
 
     def compare(champion_version: str) -> dict:
         t1 = time.perf_counter()
-        folder = _champion_checkpoint(tracker.uri, cfg.model_name, champion_version)
-        champion = selection.outcomes(_encoder("champion", folder, device), batch)
+        champion = selection.outcomes(_champion_encoder(tracker.uri, cfg.model_name, champion_version, device), batch)
         compared.update(selection.compare(challenger, champion, p.seed, cfg.margin),
                         champion_seconds=round(time.perf_counter() - t1, 3))
         return compared

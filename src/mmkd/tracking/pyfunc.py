@@ -196,27 +196,35 @@ def _mlflow_uris(uri: str) -> Iterator[None]:
                 os.environ[k] = v
 
 
-def checkpoint_dir(uri: str | Path, tracking_uri: str | None = None) -> Path:
-    """The local student checkpoint folder (model.json + model.safetensors) behind `uri`.
+@contextmanager
+def checkpoint_dir(uri: str | Path, tracking_uri: str | None = None) -> Iterator[Path]:
+    """The local student checkpoint folder (model.json + model.safetensors) behind `uri`, while the context lasts.
 
     `uri`: a checkpoint folder, a downloaded MLflow model folder, or any MLflow model URI
     (models:/name@alias, models:/name/3, runs:/<run_id>/student, m-<model id> as models:/m-...).
-    A remote model is downloaded whole (MLflow returns a local artifact store's folder as it is). With
-    `tracking_uri`, MLflow's global tracking/registry URIs point at it during the download (not thread-safe).
+    A remote model is downloaded whole into a temporary folder, removed when the context ends (MLflow's own
+    default is a fresh temp folder it never removes: one model's worth of disk per load); a local artifact store's
+    folder is used as it is. With `tracking_uri`, MLflow's global tracking/registry URIs point at it during the
+    download (not thread-safe).
     """
+    import tempfile
+
     from mlflow.artifacts import download_artifacts
     from mlflow.models import Model
 
     local = Path(str(uri))
-    if not local.is_dir():
-        # models:/ URIs resolve against MLflow's global registry URI whatever download_artifacts is given
-        with _mlflow_uris(tracking_uri) if tracking_uri else nullcontext():
-            local = Path(download_artifacts(artifact_uri=str(uri)))
-    if (local / "model.json").exists():
-        return local
-    if not (local / "MLmodel").exists():
-        raise FileNotFoundError(f"{uri}: neither an mmkd checkpoint folder (model.json) nor an MLflow model (MLmodel)")
-    return local / _checkpoint_path(Model.load(str(local / "MLmodel")), str(uri))
+    with nullcontext() if local.is_dir() else tempfile.TemporaryDirectory(prefix="mmkd-model-") as tmp:
+        if tmp is not None:
+            # models:/ URIs resolve against MLflow's global registry URI whatever download_artifacts is given
+            with _mlflow_uris(tracking_uri) if tracking_uri else nullcontext():
+                local = Path(download_artifacts(artifact_uri=str(uri), dst_path=tmp))
+        if (local / "model.json").exists():
+            yield local
+            return
+        if not (local / "MLmodel").exists():
+            raise FileNotFoundError(f"{uri}: neither an mmkd checkpoint folder (model.json) nor an MLflow model "
+                                    "(MLmodel)")
+        yield local / _checkpoint_path(Model.load(str(local / "MLmodel")), str(uri))
 
 
 def _checkpoint_path(model, where: str) -> str:
@@ -230,4 +238,5 @@ def load_student(uri: str | Path, device: str = "cpu", tracking_uri: str | None 
     """The student as a torch model (an open_clip CLIP in eval mode) and its checkpoint's metadata."""
     from mmkd.models.factory import load_checkpoint
 
-    return load_checkpoint(checkpoint_dir(uri, tracking_uri), device)
+    with checkpoint_dir(uri, tracking_uri) as folder:  # the weights are in memory before a download is removed
+        return load_checkpoint(folder, device)

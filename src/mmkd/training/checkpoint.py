@@ -60,7 +60,9 @@ def set_rng_state(state: dict, generator: torch.Generator) -> None:
 
 def data_id(keys) -> str:
     """A hash of the training data's content: its records' keys (the curated content hashes), in order."""
-    return hashlib.sha256("\n".join(map(str, keys)).encode()).hexdigest()[:16]
+    from mmkd.data.split_table import text_digest
+
+    return text_digest(map(str, keys))[:16]  # streamed: no corpus-sized joined string
 
 
 def remove_stale_temps(folder: Path) -> list[Path]:

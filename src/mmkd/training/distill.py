@@ -18,7 +18,8 @@ import open_clip
 import torch
 
 from mmkd.config import DistillCfg
-from mmkd.data.store import load_curated, split_records
+from mmkd.data.split_table import SplitTable
+from mmkd.data.store import open_images
 from mmkd.features.store import FeatureError, FeatureStore, TeacherFeatures
 from mmkd.models.factory import image_spec, load_checkpoint, model_config, save_checkpoint
 from mmkd.training import checkpoint, distributed
@@ -42,15 +43,16 @@ def routing(domains: dict[str, list[str]], modalities: list[str], route_by_modal
     return mask
 
 
-def eligibility(records: list[dict], available: np.ndarray, domains: dict[str, list[str]], route: bool) -> tuple[np.ndarray, int]:
+def eligibility(records: SplitTable, available: np.ndarray, domains: dict[str, list[str]],
+                route: bool) -> tuple[np.ndarray, int]:
     """Routed and available teachers per sample; a sample outside every teacher's domain may learn from any
     available one. A sample with no teacher features at all is an error naming it."""
-    eligible = routing(domains, [r["modality"] for r in records], route) & available
+    eligible = routing(domains, records.modality_names, route)[records.modality] & available  # per modality, then rows
     orphans = ~eligible.any(1)
     eligible[orphans] = available[orphans]
     bare = np.flatnonzero(~eligible.any(1))
     if len(bare):
-        ids = ", ".join(records[i]["id"] for i in bare[:5])
+        ids = ", ".join(records.field("id", bare[:5]))
         raise FeatureError(f"{len(bare)} train samples have no teacher features (e.g. {ids}); run cache_features "
                            "and align, or widen features.coverage")
     return eligible, int(orphans.sum())
@@ -103,7 +105,7 @@ def _file_hash(path: Path) -> str:
     return h.hexdigest()[:16]
 
 
-def _student_quality(stage1_dir: Path, curated_dir: Path, probe: list[dict], modality: list[int], n_modalities: int,
+def _student_quality(stage1_dir: Path, curated_dir: Path, probe: SplitTable, modality: np.ndarray, n_modalities: int,
                      device, scratch_parent: Path) -> np.ndarray:
     """[M] the stage-1 student's probe quality per modality, on the measure the teachers' is taken with
     (quality.teacher_quality over its own image and caption embeddings of the probe split)."""
@@ -118,9 +120,8 @@ def _student_quality(stage1_dir: Path, curated_dir: Path, probe: list[dict], mod
     with tempfile.TemporaryDirectory(dir=scratch_parent, prefix=".focus-") as scratch:
         rows = student_embeddings(stage1_dir, curated_dir, probe, device, Path(scratch))
         try:
-            q = teacher_quality(RowFeatures("student_stage1", rows), [(r.get("labels") or {}).get("finding")
-                                                                       for r in probe],
-                                np.asarray(modality, np.int64), n_modalities)
+            q = teacher_quality(RowFeatures("student_stage1", rows), probe.findings(), np.asarray(modality, np.int64),
+                                n_modalities)
         finally:
             rows.close()
     return q[0]
@@ -142,9 +143,10 @@ def distill(stage1_dir: Path, curated_dir: Path, aligned_dir: Path, domains: dic
     torch.manual_seed(seed)
     kind = STRATEGIES[cfg.strategy]
     model, meta = load_checkpoint(stage1_dir, device)
-    records, images = load_curated(curated_dir, "train", image_spec(model).size, ("id", "key", "caption", "modality"))
+    records = SplitTable(curated_dir, "train")  # columns and line offsets: captions are read per batch
+    images = open_images(curated_dir, records, image_spec(model).size)
     names = list(domains)
-    keys = np.array([r["key"] for r in records], dtype="S32")
+    keys = records.keys
     stores: list[FeatureStore] = []
     sup = Supervision(names=names, eligible=np.zeros((len(records), len(names)), bool))
     versions: dict[str, str] = {}
@@ -169,29 +171,30 @@ def distill(stage1_dir: Path, curated_dir: Path, aligned_dir: Path, domains: dic
             sup.raw = TeacherFeatures(raw_store, [(t, raw_sets[t]) for t in names], keys)
     available = (sup.aligned if sup.aligned is not None else sup.raw).available
     if cfg.structure_weight > 0:  # the image-structure term compares a sample with its same-modality batch mates
-        names_of = np.array([r["modality"] or "unknown" for r in records])
-        sup.modalities, codes = np.unique(names_of, return_inverse=True)
+        sup.modalities, codes = np.unique(records.modality_of("unknown"), return_inverse=True)
         sup.modalities, sup.modality = list(sup.modalities), codes.astype(np.int64)
     sup.eligible, orphans = eligibility(records, available, domains, cfg.route_by_modality)
     if wants_quality:
-        probe = split_records(curated_dir, "probe", ("key", "modality", "labels", "caption"))
-        modalities = sorted({r["modality"] for r in records} | {r["modality"] for r in probe})
+        probe = SplitTable(curated_dir, "probe")
+        modalities = sorted(set(records.modality_names) | set(probe.modality_names))
         index = {m: i for i, m in enumerate(modalities)}
-        probe_features = TeacherFeatures(raw_store, [(t, raw_sets[t]) for t in names],
-                                         np.array([r["key"] for r in probe], dtype="S32"))
-        sup.quality = teacher_quality(probe_features, [(r.get("labels") or {}).get("finding") for r in probe],
-                                      np.array([index[r["modality"]] for r in probe], dtype=np.int64), len(modalities))
+
+        def codes(table: SplitTable) -> np.ndarray:  # each record's position in `modalities`
+            return np.array([index[m] for m in table.modality_names], dtype=np.int64)[table.modality]
+
+        probe_features = TeacherFeatures(raw_store, [(t, raw_sets[t]) for t in names], probe.keys)
+        sup.quality = teacher_quality(probe_features, probe.findings(), codes(probe), len(modalities))
         sup.modalities = modalities
-        sup.modality = np.array([index[r["modality"]] for r in records], dtype=np.int64)
+        sup.modality = codes(records)
         sup.routed = routing(domains, modalities, cfg.route_by_modality)
         raw_store.release()
         if cfg.modality_focus > 0:
-            sup.student_quality = _student_quality(stage1_dir, curated_dir, probe, [index[r["modality"]] for r in probe],
-                                                   len(modalities), device, Path(out_dir).parent)
+            sup.student_quality = _student_quality(stage1_dir, curated_dir, probe, codes(probe), len(modalities),
+                                                   device, Path(out_dir).parent)
             lag = modality_lag(sup.quality, sup.student_quality, sup.routed)
             sup.focus = focus_factors(lag, sup.modality, cfg.modality_focus)
     objective = kind(sup, cfg, seed, device)
-    tokens = tokenize_all(open_clip.get_tokenizer(meta["model"]), [r["caption"] for r in records])
+    tokens = tokenize_all(open_clip.get_tokenizer(meta["model"]), records.captions())
     # the data's content: the curated keys (hashes of the decoded pixels) and the checksums of every feature set
     # read, so a re-curated corpus or rewritten features never resume an old state
     read = [(sup.aligned.store, t, v) for t, v in sup.aligned.sets] if sup.aligned is not None else []
@@ -199,8 +202,8 @@ def distill(stage1_dir: Path, curated_dir: Path, aligned_dir: Path, domains: dic
         read += [(raw_store, t, raw_sets[t]) for t in names]
     fingerprint = {"stage1": _file_hash(Path(stage1_dir) / "model.safetensors"), "teachers": versions,
                    "distill": cfg.model_dump(exclude={"train"}), "domains": domains,
-                   "captions": hashlib.sha256("\n".join(r["caption"] for r in records).encode()).hexdigest()[:16],
-                   "keys": checkpoint.data_id(r["key"] for r in records),
+                   "captions": records.caption_digest()[:16],
+                   "keys": checkpoint.data_id(records.key_strings()),
                    "features": sorted({f"{t}@{v}:{s.set_digest(t, v)}" for s, t, v in read})}
     history = train(model, images, tokens, cfg.train, objective, seed, device, "distill", log, state_dir, fingerprint)
     for store in stores:

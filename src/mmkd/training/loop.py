@@ -6,7 +6,7 @@ import contextlib
 import math
 import time
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Sequence
 
 import numpy as np
 import torch
@@ -235,9 +235,10 @@ def _backward(net, model, x, tok, idx, objective: Objective, accum: int, world: 
 
 
 class Tokens:
-    """Captions tokenised per batch when indexed: no [N, context] tensor for the whole corpus in memory."""
+    """Captions tokenised per batch when indexed: no [N, context] tensor for the whole corpus in memory. texts: any
+    indexable sequence (a SplitTable's Captions reads each from the manifest: no corpus-sized list either)."""
 
-    def __init__(self, tokenizer: Callable, texts: list[str]):
+    def __init__(self, tokenizer: Callable, texts: "Sequence[str]"):
         self.tokenizer, self.texts = tokenizer, texts
 
     def __len__(self) -> int:
@@ -247,5 +248,5 @@ class Tokens:
         return self.tokenizer([self.texts[int(i)] for i in idx])
 
 
-def tokenize_all(tokenizer: Callable, texts: list[str]) -> Tokens:
+def tokenize_all(tokenizer: Callable, texts: "Sequence[str]") -> Tokens:
     return Tokens(tokenizer, texts)

@@ -52,7 +52,7 @@ def _open_shards(features) -> None:
     shard = getattr(features, "shard", None)  # TeacherFeatures' [N, T] shard ids (-1: no row)
     if shard is not None:
         for s in np.unique(shard[shard >= 0]):
-            features.store.arrays(int(s))
+            features.store.checked(int(s))
 
 
 class DistillObjective(Objective):
