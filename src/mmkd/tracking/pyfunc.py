@@ -202,10 +202,10 @@ def checkpoint_dir(uri: str | Path, tracking_uri: str | None = None) -> Iterator
 
     `uri`: a checkpoint folder, a downloaded MLflow model folder, or any MLflow model URI
     (models:/name@alias, models:/name/3, runs:/<run_id>/student, m-<model id> as models:/m-...).
-    A remote model is downloaded whole into a temporary folder, removed when the context ends (MLflow's own
-    default is a fresh temp folder it never removes: one model's worth of disk per load); a local artifact store's
-    folder is used as it is. With `tracking_uri`, MLflow's global tracking/registry URIs point at it during the
-    download (not thread-safe).
+    An MLflow URI's model is downloaded whole (copied, from a local artifact store) into a temporary folder removed
+    when the context ends: MLflow's default for a remote store is a fresh temp folder it never removes, one model's
+    worth of disk per load. A folder path is used as it is. With `tracking_uri`, MLflow's global tracking/registry
+    URIs point at it during the download (not thread-safe).
     """
     import tempfile
 
