@@ -101,6 +101,23 @@ def test_a_key_too_long_names_the_record(store):
         SplitTable(store, "train")
 
 
+@pytest.mark.parametrize("damage", ["not json", "no caption", "row not a number"])
+def test_a_damaged_manifest_line_is_named(store, damage):
+    path = store / "manifest.jsonl"
+    lines = path.read_text().splitlines(keepends=True)
+    victim = next(i for i, line in enumerate(lines) if json.loads(line)["split"] == "train")
+    rec = json.loads(lines[victim])
+    if damage == "no caption":
+        del rec["caption"]
+    elif damage == "row not a number":
+        rec["row"] = "seven"
+    bad = "{" + lines[victim][2:] if damage == "not json" else json.dumps(rec, sort_keys=True) + "\n"
+    (store / "checksums.json").unlink()  # the size check would stop it first; this is the damage it cannot see
+    path.write_text("".join(lines[:victim]) + bad + "".join(lines[victim + 1:]))
+    with pytest.raises(CurationError, match=f"line {victim + 1} is not a curated record"):
+        SplitTable(store, "train")
+
+
 def test_a_table_keeps_reading_its_generation_after_a_new_one_is_switched_in(tmp_path, store):
     table = SplitTable(store, "train")
     before = list(table.captions())

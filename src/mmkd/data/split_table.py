@@ -41,20 +41,25 @@ class SplitTable:
                 start, at = at, at + len(line)
                 if not line.strip():
                     continue
-                r = json.loads(line)
-                if r["split"] != split:
-                    continue
-                key = r["key"].encode("ascii")
+                try:
+                    r = json.loads(line)
+                    if r["split"] != split:
+                        continue
+                    key, name, at_row, caption = r["key"].encode("ascii"), str(r["shard"]), int(r["row"]), r["caption"]
+                    caption = caption.encode()
+                except (ValueError, KeyError, TypeError, AttributeError) as exc:  # a damaged line, named
+                    raise CurationError(f"{self.path}: line {number} is not a curated record ({type(exc).__name__}: "
+                                        f"{exc}); the store is damaged: run `mmkd verify`, then curate again") from None
                 if len(key) > KEY_BYTES:
                     raise CurationError(f"{self.path}: line {number} (record {r.get('id')!r}): key {r['key']!r} is "
                                         f"longer than {KEY_BYTES} characters; the store is damaged, curate again")
                 keys += key.ljust(KEY_BYTES, b"\0")
-                shard.append(shard_code.setdefault(r["shard"], len(shard_code)))
-                row.append(r["row"])
+                shard.append(shard_code.setdefault(name, len(shard_code)))
+                row.append(at_row)
                 mod.append(mod_code.setdefault(r.get("modality"), len(mod_code)))
                 offset.append(start)
                 length.append(len(line))
-                caption_hash.update(("\n" if len(row) > 1 else "").encode() + r["caption"].encode())
+                caption_hash.update((b"\n" if len(row) > 1 else b"") + caption)
         names = sorted(shard_code)
         rank = np.empty(len(names), np.int32)
         for i, name in enumerate(names):
