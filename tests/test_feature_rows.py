@@ -37,6 +37,7 @@ def test_rows_equal_the_arrays_in_any_order_with_repeats_across_evictions(tmp_pa
         got = reader.read(str(tmp_path / f"f{k}.npy"), rows)
         assert got.dtype == np.float32 and np.array_equal(got, arrays[k][rows].astype(np.float32))
         assert len(reader._open) <= 2
+    assert reader.read(str(tmp_path / "f0.npy"), []).shape == (0, 12)
     reader.close()
     assert not reader._open
 

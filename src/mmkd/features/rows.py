@@ -58,6 +58,8 @@ class RowReader:
     def read(self, path: str, rows: np.ndarray) -> np.ndarray:
         """float32 [len(rows), dim] of the file's rows (any order, repeats allowed)."""
         rows = np.asarray(rows, np.int64)
+        if not len(rows):
+            return np.zeros((0, self._dim(str(path))), np.float32)
         with self._lock:
             fd = self._fd(str(path))
             offset, dtype, dim, _ = self._layout[str(path)]
@@ -81,6 +83,11 @@ class RowReader:
             if fd is not None:
                 os.close(fd)
             self._layout.pop(str(path), None)
+
+    def _dim(self, path: str) -> int:
+        with self._lock:
+            self._fd(path)
+            return self._layout[path][2]
 
     def close(self) -> None:
         with self._lock:

@@ -7,7 +7,6 @@ its peak RSS (VmHWM), so reading a whole mapped file would bring back the corpus
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import numpy as np
@@ -39,58 +38,44 @@ class InMemory:
 
 
 class StudentRows:
-    """[N, d] float32 image and text embeddings in `folder`/{image,text}.npy, read by row index with pread."""
+    """[N, d] float32 image and text embeddings in `folder`/{image,text}.npy, read by row index with pread
+    (features.rows.RowReader: each run of consecutive rows one read)."""
 
     def __init__(self, folder: Path):
+        from mmkd.features.rows import RowReader
+
         self.folder = Path(folder)
-        self.fds, self.offset, shapes = [], [], []
-        for kind in KINDS:
-            path = self.folder / f"{kind}.npy"
+        self.paths, shapes = [str(self.folder / f"{kind}.npy") for kind in KINDS], []
+        for path in self.paths:
             with open(path, "rb") as fh:
                 version = np.lib.format.read_magic(fh)
                 read = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
                 shape, fortran, dtype = read(fh)
                 if fortran or np.dtype(dtype) != DTYPE or len(shape) != 2:
                     raise ValueError(f"{path}: expected a C-order [N, d] {DTYPE} array, got {shape} {dtype}")
-                self.offset.append(fh.tell())
             shapes.append(shape)
-            self.fds.append(os.open(path, os.O_RDONLY))
         if shapes[0] != shapes[1]:
             raise ValueError(f"{self.folder}: image {shapes[0]} and text {shapes[1]} embeddings disagree")
         self.n, self.dim = shapes[0]
+        self.reader = RowReader(max_open=len(KINDS))
 
     def __len__(self) -> int:
         return self.n
 
     def close(self) -> None:
-        for fd in self.fds:
-            os.close(fd)
-        self.fds = []
-
-    def _read(self, k: int, start: int, count: int) -> np.ndarray:
-        width = self.dim * DTYPE.itemsize
-        data = os.pread(self.fds[k], count * width, self.offset[k] + start * width)
-        if len(data) != count * width:
-            raise ValueError(f"{self.folder}/{KINDS[k]}.npy: truncated at row {start + len(data) // width}")
-        return np.frombuffer(data, DTYPE).reshape(count, self.dim)
+        self.reader.close()
 
     def rows(self, idx: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """(image, text) rows at idx (any order); each run of consecutive rows is one read."""
+        """(image, text) rows at idx (any order)."""
+        from mmkd.features.checks import FeatureError
+
         idx = np.asarray(idx, np.int64)
         if len(idx) and (idx.min() < 0 or idx.max() >= self.n):
             raise IndexError(f"{self.folder}: rows {idx.min()}..{idx.max()} outside [0, {self.n})")
-        order = np.argsort(idx, kind="stable")
-        ordered = idx[order]
-        cuts = np.flatnonzero(np.diff(ordered) != 1) + 1  # starts of runs of consecutive rows
-        runs = list(zip([0, *cuts], [*cuts, len(idx)])) if len(idx) else []
-        out = []
-        for k in (0, 1):
-            buf = np.empty((len(idx), self.dim), np.float32)
-            for a, b in runs:
-                buf[order[a:b]] = self._read(k, int(ordered[a]), int(ordered[b - 1] - ordered[a] + 1))[
-                    ordered[a:b] - ordered[a]]
-            out.append(buf)
-        return out[0], out[1]
+        try:
+            return self.reader.read(self.paths[0], idx), self.reader.read(self.paths[1], idx)
+        except FeatureError as exc:  # scratch files of one step, not a feature store: a plain ValueError
+            raise ValueError(str(exc)) from None
 
 
 def as_rows(student) -> "InMemory | StudentRows":
