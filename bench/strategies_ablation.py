@@ -13,7 +13,9 @@ paired bootstraps on the same stratified resamples (1000; the mean over sets as 
 and the stage-1 student are scored the same way, for the gap to the best teacher on every set.
 
 A variant's settings are `distill:` keys (`train.epochs=16` reaches into distill.train); without --variant the
-four strategies run with the rest of params.yaml's distill section.
+four strategies run with the rest of params.yaml's distill section. `--model NAME=FOLDER` scores a student trained
+elsewhere (listed first), e.g. the default run's student before `align:` changed: the variants' targets are the
+workspace's current aligned store (a variant trained on another one is trained again).
 """
 
 from __future__ import annotations
@@ -66,13 +68,14 @@ def train_variant(ctx, name: str, update: dict) -> Path:
     p, ws = ctx.params, ctx.ws
     cfg = DistillCfg.model_validate(merged(p.distill.model_dump(), update))
     out = ws.root / p.paths.artifacts / "ablation" / name
-    spec = {"distill": cfg.model_dump(mode="json"), "seed": p.seed, "stage1": _sha(ws.stage1 / "model.safetensors")}
+    spec = {"distill": cfg.model_dump(mode="json"), "seed": p.seed, "stage1": _sha(ws.stage1 / "model.safetensors"),
+            "aligned": _sha(ws.aligned_features / "projector" / "projector.safetensors")}  # the targets' space
     done = out / "variant.json"
     if done.exists() and json.loads(done.read_text()) == spec and (out / "model.safetensors").exists():
         print(f"[{name}] trained already ({out})", flush=True)
         return out
     domains = {s.name: list(s.modalities) for s in p.teachers.registry}
-    reads_raw = cfg.strategy in ("routed", "relational") or cfg.modality_focus > 0
+    reads_raw = cfg.strategy in ("routed", "relational") or cfg.modality_focus > 0 or cfg.sampling_focus > 0
     t0 = time.perf_counter()
     distill(ws.stage1, ws.curated, ws.aligned_features, domains, cfg, p.seed, _device(ctx), out,
             teacher_dir=ws.teacher_features, raw_versions=dict(current_sets(ctx)) if reads_raw else None,
@@ -97,6 +100,9 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--root", type=Path, required=True, help="a workspace after a default run")
     ap.add_argument("--variant", action="append", default=[], help="NAME=KEY=VALUE,KEY=VALUE (distill: keys)")
+    ap.add_argument("--model", action="append", default=[],
+                    help="NAME=FOLDER: a student trained elsewhere (on another aligned space: a copy of "
+                         "artifacts/student), scored as a variant")
     ap.add_argument("--baseline", default=None, help="the variant the others are compared with (default: first)")
     ap.add_argument("--out", type=Path, default=None, help="results JSON (default: ROOT/artifacts/ablation/results.json)")
     args = ap.parse_args()
@@ -108,7 +114,9 @@ def main() -> None:
     from mmkd.steps.register import _encoder, _selection
 
     ctx = Context.load(args.root)
-    variants = [parse_variant(v) for v in args.variant] or [(s, {"strategy": s}) for s in STRATEGIES]
+    given = dict(m.split("=", 1) for m in args.model)
+    variants = [parse_variant(v) for v in args.variant] or ([] if given else [(s, {"strategy": s}) for s in STRATEGIES])
+    variants = [(name, {"model": folder}) for name, folder in given.items()] + variants
     baseline = args.baseline or variants[0][0]
     selection = _selection(ctx)
     batch, seed, device = ctx.params.evaluate.batch_size, ctx.params.seed, _device(ctx)
@@ -122,7 +130,7 @@ def main() -> None:
     teachers = [s.name for s in ctx.params.teachers.registry]
     settings = {}
     for name, update in variants:
-        folder = train_variant(ctx, name, update)
+        folder = Path(given[name]) if name in given else train_variant(ctx, name, update)
         settings[name] = update
         outcomes[name] = score(selection, _encoder(name, folder, device), batch, seed)
 

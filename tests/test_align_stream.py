@@ -77,7 +77,7 @@ def test_student_rows_read_back_what_was_written(tmp_path):
         StudentRows(tmp_path / "s").rows(np.array([22]))
 
 
-@pytest.mark.parametrize("method", ["shared", "procrustes"])
+@pytest.mark.parametrize("method", ["consensus", "shared", "procrustes"])
 def test_streamed_fit_equals_the_in_memory_fit(tmp_path, method):
     n = 90
     modality, student, feats = _world(2, n)

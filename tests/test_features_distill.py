@@ -114,6 +114,34 @@ def test_routed_with_image_structure_and_modality_focus_from_the_stores(aligned,
     assert not list(tmp_path.glob(".focus-*"))  # the student's probe embeddings were scratch; a stale one is gone
 
 
+def test_sampling_focus_draws_the_lagging_modalities_more_often(aligned, tmp_path):
+    """The stage-1 student's and each declared teacher's linear-probe accuracy on the train split's labelled images
+    give each modality's lag; its sampling factor has mean 1 over the train rows and is reported."""
+    root, features = aligned
+    curated = root / "artifacts" / "curated"
+    torch.manual_seed(0)
+    save_checkpoint(create_model("mmkd-student-tiny"), tmp_path / "stage1", "mmkd-student-tiny")
+    cfg = DistillCfg(strategy="reference", sampling_focus=4.0, train=TrainCfg(epochs=1, batch_size=32, warmup_steps=1))
+    hist = distill(tmp_path / "stage1", curated, features / "aligned", DOMAINS, cfg, 0, CPU, tmp_path / "student",
+                   teacher_dir=features / "raw")
+    weights = json.loads((tmp_path / "student" / "teacher_weights.json").read_text())
+    assert weights["sampling_focus"] == 4.0
+    mods = [r["modality"] for r in split_records(curated, "train")]
+    assert sum(weights["sampling"][m] for m in mods) / len(mods) == pytest.approx(1.0)
+    lag, probe = weights["sampling_lag"], weights["sampling_probe"]
+    for m in set(mods):
+        declared = [probe[t][m] for t in DOMAINS if m in DOMAINS[t] and probe[t][m] is not None]
+        best = max(declared, default=None)
+        expected = 0.0 if best is None or probe["student_stage1"][m] is None else max(0.0, best -
+                                                                                       probe["student_stage1"][m])
+        assert lag[m] == pytest.approx(expected)
+        assert hist[f"sampling.{m}"] == pytest.approx(weights["sampling"][m])
+    assert probe["path"]["xray"] is None  # path is not declared for xray: not measured there
+    # the more a modality lags, the more often it is drawn
+    order = sorted(set(mods), key=lambda m: lag[m])
+    assert [weights["sampling"][m] for m in order] == sorted(weights["sampling"][m] for m in order)
+
+
 def test_routed_and_relational_need_the_raw_store(aligned, tmp_path):
     root, features = aligned
     save_checkpoint(create_model("mmkd-student-tiny"), tmp_path / "stage1", "mmkd-student-tiny")

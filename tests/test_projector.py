@@ -171,6 +171,52 @@ def test_shared_maps_align_teachers_beyond_plain_procrustes_and_keep_their_geome
     assert torch.allclose(shared.project("a", a_img), star)
 
 
+def test_consensus_maps_reach_the_teachers_own_agreement_whatever_the_student_sees():
+    """`consensus`: the teachers' common space first (for two teachers the top singular vectors of their centred
+    image cross-covariance, exactly), then one rotation onto the student. A student that sees none of the teachers'
+    shared latent cannot pull their maps apart: their agreement is the direct two-teacher fit's, above `shared`'s."""
+    modality, _, feats = _world(2)
+    rng = np.random.default_rng(9)
+    blind = tuple(v / np.linalg.norm(v, axis=1, keepdims=True) for v in rng.standard_normal((2, len(modality), 8)))
+    domains = {"a": ["x"], "b": ["x", "y"]}
+    everyone = {t: np.ones(len(modality), bool) for t in feats}
+
+    def fitted(method, teachers=feats, doms=domains, **cfg):
+        maps = fit_maps(_Source(teachers), blind, modality, doms, method, AlignCfg(method=method, **cfg))
+        proj = {t: maps.project(t, torch.from_numpy(a), modality).numpy() for t, (a, _) in teachers.items()}
+        return maps, diagnostics.shared_space(proj, {t: everyone["a"] for t in teachers}, modality, doms, 0)
+
+    # a 7-dim view of teacher a: both teachers as wide as their common space, so the maps are exactly P_t R
+    narrow = {**feats, "a": tuple(v @ _orth(10, 7, rng) for v in feats["a"])}
+    _, rows = fitted("consensus", narrow)
+    _, shared_rows = fitted("shared", narrow)
+    x = modality == "x"
+    a, b = (narrow[t][0][x] for t in ("a", "b"))
+    u, _, vh = np.linalg.svd((a - a.mean(0)).T @ (b - b.mean(0)), full_matrices=False)
+    unit = diagnostics._unit  # projected as the step projects: the raw rows mapped, then L2-normalised
+    direct = diagnostics.pair_agreement(unit(a @ u), unit(b @ vh.T), np.random.default_rng(0))["same"]
+    assert rows[0]["same"] == pytest.approx(direct, abs=1e-5) and direct > 0.5, (rows[0]["same"], direct)
+    assert rows[0]["gap"] > shared_rows[0]["gap"] + 0.1, (rows[0]["gap"], shared_rows[0]["gap"])
+    # with the 10-dim teacher a the common space of x is 7-dim (b's width): a's spare directions fill the student's
+    # eighth, so a keeps 8 orthonormal directions, as under `shared`; b (7 < 8) is mapped isometrically
+    consensus, wide = fitted("consensus")
+    wa = consensus.weight("a", "x").double().numpy()
+    assert np.allclose(wa.T @ wa, np.eye(8), atol=1e-5)
+    for g in consensus.groups["b"]:
+        w = consensus.weight("b", g).double().numpy()
+        assert np.allclose(w @ w.T, np.eye(7), atol=1e-5)
+    assert wide[0]["gap"] > fitted("shared")[1][0]["gap"] + 0.1
+
+    # three teachers declaring x: refined in turn, each pair agrees at least as well as under `shared`
+    trio = {**feats, "c": (feats["a"][0] @ _orth(10, 9, rng) + 0.3 * rng.standard_normal((len(modality), 9)),
+                           feats["a"][1] @ _orth(10, 9, rng))}
+    doms3 = {**domains, "c": ["x"]}
+    _, rows3 = fitted("consensus", trio, doms3)
+    _, shared3 = fitted("shared", trio, doms3)
+    gaps = {r["pair"]: r["gap"] for r in rows3 if r["modality"] == "x"}
+    assert len(gaps) == 3 and all(gaps[r["pair"]] >= r["gap"] - 1e-6 for r in shared3 if r["modality"] == "x")
+
+
 def test_shrinkage_leans_each_modality_map_toward_the_teachers_map_over_all_its_rows():
     modality, student, feats = _world(1, n=200)
     domains = {"a": ["x"], "b": ["x", "y"]}

@@ -20,7 +20,7 @@ from mmkd.data.store import ShardImages, SplitImages
 from mmkd.models.factory import create_model
 from mmkd.training.loop import tokenize_all, train
 from mmkd.training.objective import ClipObjective
-from mmkd.training.order import epoch_order, row_shards, shard_order
+from mmkd.training.order import epoch_order, row_shards, shard_order, weighted_order
 from mmkd.training.prefetch import BatchReader
 from mmkd.training.strategies import MeanObjective, ReferenceObjective
 from mmkd.training.supervision import Supervision
@@ -90,6 +90,38 @@ def test_seeded_and_a_new_order_every_epoch():
     assert torch.equal(gen.get_state(), state)  # draws nothing from the loop's generator
     assert torch.equal(epoch_order("global", 12, torch.Generator().manual_seed(4), 1, 0, None, 3, 16),
                        torch.randperm(12, generator=torch.Generator().manual_seed(4)))  # the historical stream
+
+
+@settings(max_examples=60, deadline=None, derandomize=True, database=None)
+@given(weights=st.lists(st.floats(0.0, 8.0), min_size=1, max_size=200).filter(lambda w: sum(w) > 1e-3),
+       seed=st.integers(0, 2**31))
+def test_weighted_order_draws_each_row_within_one_of_its_expectation(weights, seed):
+    """sampling_focus's epoch: as many rows as the split, row i floor(w_i) or ceil(w_i) times (w scaled to mean 1),
+    seeded by the loop's generator alone."""
+    w = np.asarray(weights)
+    order = weighted_order(w, torch.Generator().manual_seed(seed)).numpy()
+    assert order.dtype == np.int64 and len(order) == len(w)
+    expected = w * len(w) / w.sum()
+    counts = np.bincount(order, minlength=len(w))
+    assert np.all(counts >= np.floor(expected - 1e-9)) and np.all(counts <= np.ceil(expected + 1e-9))
+    assert np.array_equal(order, weighted_order(w, torch.Generator().manual_seed(seed)).numpy())
+
+
+def test_weighted_order_repeats_the_weighted_modality_and_keeps_the_epoch_length():
+    w = np.array([3.0] * 10 + [0.5] * 40)  # mean 1: a modality of 10 rows drawn 3 times, one of 40 half as often
+    gen = torch.Generator().manual_seed(1)
+    order = epoch_order("global", 50, gen, 0, 0, None, 4, 8, w).numpy()
+    counts = np.bincount(order, minlength=50)
+    assert len(order) == 50 and np.all(counts[:10] == 3) and counts[10:].sum() == 20
+    assert np.all(counts[10:] <= 1)
+    with pytest.raises(ValueError, match="weighted sampling needs train.shuffle: global"):
+        epoch_order("shards", 50, gen, 0, 0, np.zeros(50), 4, 8, w)
+    with pytest.raises(ValueError, match="3 sample weights for 50"):
+        epoch_order("global", 50, gen, 0, 0, None, 4, 8, w[:3])
+    with pytest.raises(ValueError, match="finite, non-negative"):
+        weighted_order(np.array([1.0, -1.0]), gen)
+    with pytest.raises(ValidationError, match="distill.sampling_focus"):
+        DistillCfg(sampling_focus=1.0, train=TrainCfg(shuffle="shards"))
 
 
 def test_bad_order_settings_are_named():

@@ -436,6 +436,45 @@ def test_modality_focus_moves_distillation_weight_to_the_lagging_modality():
     assert "student_quality.y" not in obj.summary() and obj.report()["focus"] == {"x": 1.5, "y": 0.5}
 
 
+def test_probe_accuracy_equals_a_ridge_classifier_on_the_same_folds():
+    """sampling_focus's probe (closed-form ridge on one-hot classes) predicts what scikit-learn's RidgeClassifier
+    predicts on the same folds; balanced accuracy is the mean per-class recall."""
+    from sklearn.linear_model import RidgeClassifier
+    from sklearn.metrics import balanced_accuracy_score
+    from sklearn.model_selection import PredefinedSplit, cross_val_predict
+
+    from mmkd.training.quality import probe_accuracy
+
+    rng = np.random.default_rng(3)
+    y = rng.integers(0, 3, 90).astype(str)
+    x = rng.normal(size=(90, 12)) + 0.8 * np.eye(12)[np.unique(y, return_inverse=True)[1]]
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    folds = np.random.default_rng(7).permutation(90) % 5
+    pred = cross_val_predict(RidgeClassifier(alpha=1.0), x, y, cv=PredefinedSplit(folds))
+    assert probe_accuracy(x, y, seed=7) == pytest.approx(balanced_accuracy_score(y, pred))
+    assert np.isnan(probe_accuracy(x[:5], np.array(["a"] * 5), seed=0))  # one class: not measurable
+
+
+def test_probe_lag_is_the_best_declared_teachers_probe_minus_the_students():
+    from mmkd.training.quality import probe_lag
+
+    rng = np.random.default_rng(0)
+    n = 120
+    modality = np.repeat([0, 1], n // 2)
+    labels = np.array([str(i % 2) for i in range(n)], dtype=object)
+    labels[5] = None  # unlabelled: left out
+    signal = np.eye(8)[np.array([i % 2 for i in range(n)])] * 3
+    sharp, noise = signal + rng.normal(size=(n, 8)), rng.normal(size=(n, 8))
+    teachers = {"a": sharp.copy(), "b": sharp.copy()}
+    teachers["b"][modality == 1] = np.nan  # b has no rows of modality 1
+    routed = np.array([[True, False], [True, True]])  # [M, T]: b is declared for modality 1 only
+    student = np.where((modality == 0)[:, None], noise, sharp)  # behind on modality 0, level on modality 1
+    lag, q, qs = probe_lag(teachers, student, labels, modality, 2, routed, ["a", "b"], seed=0)
+    assert q[0, 0] > 0.9 and np.isnan(q[1, 0]) and np.isnan(q[1, 1])  # not declared / no rows
+    assert lag[0] == pytest.approx(q[0, 0] - qs[0]) and lag[0] > 0.3
+    assert lag[1] == pytest.approx(max(0.0, q[0, 1] - qs[1]))
+
+
 def test_modality_focus_is_refused_where_no_per_sample_teacher_weights_exist():
     from pydantic import ValidationError
 

@@ -408,9 +408,11 @@ class FeaturesCfg(Strict):
 class AlignCfg(Strict):
     """How each teacher's features are mapped into the student's space (docs/distillation.md: the shared space)."""
 
-    method: Literal["shared", "procrustes", "autoencoder"] = Field(
-        "shared", description="shared: orthogonal maps onto a consensus of the stage-1 student and the other "
-        "teachers; procrustes: orthogonal maps onto the stage-1 student; autoencoder: the reference's projector")
+    method: Literal["consensus", "shared", "procrustes", "autoencoder"] = Field(
+        "shared", description="consensus: per modality, orthogonal maps into the teachers' common space, then one "
+        "rotation of it onto the stage-1 student; shared: orthogonal maps onto a consensus of the stage-1 student "
+        "and the other teachers; procrustes: orthogonal maps onto the stage-1 student; autoencoder: the "
+        "reference's projector")
     consensus_weight: float = Field(2.0, ge=0, description="shared: each other teacher's weight in the consensus "
                                     "target, the stage-1 student's being 1 (0: plain centred Procrustes)")
     iterations: int = Field(5, ge=1, description="shared: consensus refits")
@@ -469,6 +471,10 @@ class DistillCfg(Strict):
                                   "1 + this * its modality's lag (the best declared teacher's probe quality minus "
                                   "the stage-1 student's, on the probe split), rescaled to mean 1 over the train "
                                   "split: 0 weighs every modality alike")
+    sampling_focus: float = Field(0.0, ge=0, description="each epoch draws a modality's train samples in proportion "
+                                  "to 1 + this * its lag (the best declared teacher's linear-probe accuracy on its "
+                                  "image features minus the stage-1 student's, cross-validated on the train split's "
+                                  "labelled images), the epoch keeping its length: 0 draws every sample once")
 
     @model_validator(mode="after")
     def _per_sample_weights_only(self) -> "DistillCfg":
@@ -480,6 +486,9 @@ class DistillCfg(Strict):
             raise ValueError(f"distill.modality_focus: {self.modality_focus} weighs each sample's teachers, which "
                              f"only the mean and routed strategies have (distill.strategy: {self.strategy}); "
                              "set distill.modality_focus to 0 for this strategy")
+        if self.sampling_focus > 0 and self.train.shuffle != "global":
+            raise ValueError(f"distill.sampling_focus: {self.sampling_focus} draws samples by weight, which only "
+                             f"distill.train.shuffle: global does (it is {self.train.shuffle}); set one or the other")
         return self
 
 

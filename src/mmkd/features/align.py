@@ -149,7 +149,8 @@ def align(raw_root: Path, sets: list[tuple[str, str]], train: "Split | np.ndarra
     `probe`, measure the space (returned under "space"). student: the stage-1 student's (image, text) embeddings
     of the train samples (features.student.StudentRows, or two [N, d] arrays; needed by shared, procrustes, and the
     autoencoder's anchor). modality_of: each stored key's modality (a KeyModality, or a dict of key bytes to
-    names), which picks the `shared` method's per-modality map (a key without one: the teacher's `*` map)."""
+    names), which picks the `shared` and `consensus` methods' per-modality map (a key without one: the teacher's `*`
+    map)."""
     if not isinstance(train, Split):  # keys alone: no modality known (the autoencoder without pulls needs none)
         train = Split(np.asarray(train, dtype="S32"), np.full(len(train), "unknown"))
     domains = domains or {}

@@ -24,7 +24,7 @@ from mmkd.features.store import FeatureError, FeatureStore, TeacherFeatures
 from mmkd.models.factory import image_spec, load_checkpoint, model_config, save_checkpoint
 from mmkd.training import checkpoint, distributed
 from mmkd.training.loop import tokenize_all, train
-from mmkd.training.quality import RowFeatures, focus_factors, modality_lag, teacher_quality
+from mmkd.training.quality import RowFeatures, focus_factors, modality_lag, probe_lag, teacher_quality
 from mmkd.training.strategies import STRATEGIES
 from mmkd.training.supervision import Supervision
 from mmkd import atomic
@@ -127,6 +127,39 @@ def _student_quality(stage1_dir: Path, curated_dir: Path, probe: SplitTable, mod
     return q[0]
 
 
+def _train_probe_lag(model, meta: dict, images, records: SplitTable, sup: Supervision, raw_store: FeatureStore,
+                     raw_sets: dict[str, str], seed: int, device, cap: int = 2000, chunk: int = 4096) -> tuple:
+    """sampling_focus's lag per modality: the best declared teacher's linear-probe accuracy on its raw image
+    features minus the stage-1 student's on its image embedding (quality.probe_lag), over at most `cap` seeded
+    labelled train samples of each modality. Returns (lag [M], teacher accuracy [T, M], student accuracy [M])."""
+    from mmkd.models.encoder import ClipEncoder
+
+    rng = np.random.default_rng([int(seed), 0x1A6])
+    picked = []
+    for m in range(len(sup.modalities)):
+        rows = np.flatnonzero(sup.modality == m)
+        picked.append(rows if len(rows) <= cap else rng.choice(rows, cap, replace=False))
+    sel = np.sort(np.concatenate(picked)).astype(np.int64)
+    labels = np.array([(lab or {}).get("finding") for lab in records.field("labels", sel)], dtype=object)
+    sel, labels = sel[labels != None], labels[labels != None]  # noqa: E711 (elementwise on an object array)
+    names = list(sup.names)
+    features = TeacherFeatures(raw_store, [(t, raw_sets[t]) for t in names], records.keys[sel])
+    teacher_images = {t: np.full((len(sel), d), np.nan) for t, d in zip(names, features.dims)}
+    encoder = ClipEncoder("student_stage1", model, open_clip.get_tokenizer(meta["model"]), device)
+    student = []
+    for at in range(0, len(sel), chunk):
+        part = np.arange(at, min(len(sel), at + chunk))
+        read = features.batch(part)
+        for j, t in enumerate(names):
+            ok = features.available[part, j]
+            teacher_images[t][part[ok]] = read[t][0][ok]
+        student.append(encoder.encode_images(np.asarray(images[sel[part]])))
+        images.release()
+    student_images = np.concatenate(student) if student else np.zeros((0, 1))
+    return probe_lag(teacher_images, student_images, labels, sup.modality[sel], len(sup.modalities), sup.routed,
+                     names, seed)
+
+
 def distill(stage1_dir: Path, curated_dir: Path, aligned_dir: Path, domains: dict[str, list[str]], cfg: DistillCfg,
             seed: int, device: torch.device, out_dir: Path, log: Callable | None = None,
             teacher_dir: Path | None = None, raw_versions: dict[str, str] | None = None,
@@ -158,7 +191,7 @@ def distill(stage1_dir: Path, curated_dir: Path, aligned_dir: Path, domains: dic
         sup.aligned = TeacherFeatures(store, [(t, aligned_held[t]["version"]) for t in names], keys)
         versions.update({t: aligned_held[t]["version"] for t in names})
     raw_store = None
-    wants_quality = "quality" in kind.needs or cfg.modality_focus > 0
+    wants_quality = "quality" in kind.needs or cfg.modality_focus > 0 or cfg.sampling_focus > 0
     if "raw" in kind.needs or wants_quality:
         if teacher_dir is None:
             raise FeatureError(f"distill.strategy '{cfg.strategy}' reads the raw teacher feature store; pass its "
@@ -169,6 +202,7 @@ def distill(stage1_dir: Path, curated_dir: Path, aligned_dir: Path, domains: dic
         versions.update({f"{t}@raw": v for t, v in raw_sets.items()})
         if "raw" in kind.needs:
             sup.raw = TeacherFeatures(raw_store, [(t, raw_sets[t]) for t in names], keys)
+    sampling = None  # [M] how often each modality's samples are drawn per epoch (sampling_focus; None: once)
     available = (sup.aligned if sup.aligned is not None else sup.raw).available
     if cfg.structure_weight > 0:  # the image-structure term compares a sample with its same-modality batch mates
         sup.modalities, codes = np.unique(records.modality_of("unknown"), return_inverse=True)
@@ -193,6 +227,9 @@ def distill(stage1_dir: Path, curated_dir: Path, aligned_dir: Path, domains: dic
                                                    device, Path(out_dir).parent)
             lag = modality_lag(sup.quality, sup.student_quality, sup.routed)
             sup.focus = focus_factors(lag, sup.modality, cfg.modality_focus)
+        if cfg.sampling_focus > 0:  # the lag a linear probe sees, on the train split's labelled images
+            probe_lags = _train_probe_lag(model, meta, images, records, sup, raw_store, raw_sets, seed, device)
+            sampling = focus_factors(probe_lags[0], sup.modality, cfg.sampling_focus)  # [M], mean 1 over train rows
     objective = kind(sup, cfg, seed, device)
     tokens = tokenize_all(open_clip.get_tokenizer(meta["model"]), records.captions())
     # the data's content: the curated keys (hashes of the decoded pixels) and the checksums of every feature set
@@ -205,14 +242,30 @@ def distill(stage1_dir: Path, curated_dir: Path, aligned_dir: Path, domains: dic
                    "captions": records.caption_digest()[:16],
                    "keys": checkpoint.data_id(records.key_strings()),
                    "features": sorted({f"{t}@{v}:{s.set_digest(t, v)}" for s, t, v in read})}
-    history = train(model, images, tokens, cfg.train, objective, seed, device, "distill", log, state_dir, fingerprint)
+    weights = None if sampling is None else sampling[sup.modality]
+    history = train(model, images, tokens, cfg.train, objective, seed, device, "distill", log, state_dir, fingerprint,
+                    sample_weights=weights)
     for store in stores:
         store.close()
     history["orphan_samples"] = orphans
+    if sampling is not None:
+        history.update({f"sampling.{mod}": float(sampling[m]) for m, mod in enumerate(sup.modalities)})
     if distributed.is_main():
         extra = {"stage": 2, "teachers": names, "strategy": cfg.strategy}
         if objective.uses_icl:
             extra["icl_temperature"] = objective.icl_temperature  # the clamped value the loss used
         save_checkpoint(model, out_dir, meta["model"], extra)
-        atomic.write_json(Path(out_dir) / WEIGHTS_FILE, objective.report(), sort_keys=True)
+        report = objective.report()
+        if sampling is not None:
+            report["sampling_focus"] = cfg.sampling_focus
+            lag, q, qs = probe_lags
+
+            def by_modality(v):
+                return {mod: (float(v[m]) if np.isfinite(v[m]) else None) for m, mod in enumerate(sup.modalities)}
+
+            report["sampling"] = by_modality(sampling)
+            report["sampling_lag"] = by_modality(lag)
+            report["sampling_probe"] = {"student_stage1": by_modality(qs),
+                                        **{t: by_modality(q[j]) for j, t in enumerate(names)}}
+        atomic.write_json(Path(out_dir) / WEIGHTS_FILE, report, sort_keys=True)
     return history

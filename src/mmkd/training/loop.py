@@ -61,12 +61,14 @@ def train(
     log: Callable[[dict, int], None] | None = None,
     state_dir: Path | None = None,
     fingerprint: dict | None = None,
+    sample_weights: np.ndarray | None = None,
 ) -> dict:
     """Run cfg.epochs over (images, tokens) minimising objective; single-process or one rank under torchrun.
 
     Every `cfg.checkpoint_every` steps and at the end, rank 0 writes the whole training state to state_dir;
     with `cfg.resume: auto` a run whose state_dir holds an unfinished state of the same fingerprint continues
-    from it, and on CPU ends with the weights an uninterrupted run would have.
+    from it, and on CPU ends with the weights an uninterrupted run would have. sample_weights: [n] each row's
+    expected appearances per epoch (mean 1; training.order.weighted_order), with shuffle global; None: once each.
     """
     n = len(images)
     if n < 2:
@@ -138,7 +140,7 @@ def train(
         while epoch < cfg.epochs:
             if order is None:
                 order = epoch_order(cfg.shuffle, n, gen, seed, epoch, shard_of, cfg.shuffle_shards,
-                                    cfg.shuffle_buffer)
+                                    cfg.shuffle_buffer, sample_weights)
             # sorted reads are kinder to memory-mapped shards; the order inside a batch does not matter
             batches = (order[p * batch : (p + 1) * batch].sort().values for p in range(pos, steps_per_epoch))
             # one reader per epoch: the next epoch's global order draws from `gen`, which the steps draw from too

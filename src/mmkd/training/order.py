@@ -79,14 +79,38 @@ def _buffered(stream: np.ndarray, size: int, rng: np.random.Generator) -> np.nda
     return out
 
 
+def weighted_order(weights: np.ndarray, gen: torch.Generator) -> torch.Tensor:
+    """n = len(weights) indices for one epoch in which row i appears floor(w_i) or ceil(w_i) times, w being
+    `weights` scaled to mean 1: systematic resampling (one uniform offset, n evenly spaced points on the weights'
+    cumulative sum) over a random permutation, then shuffled. Low variance: a row's count is never further than 1
+    from its expectation, and the epoch keeps the loop's length."""
+    w = np.asarray(weights, dtype=np.float64)
+    n = len(w)
+    if n == 0 or not np.isfinite(w).all() or (w < 0).any() or w.sum() <= 0:
+        raise ValueError("sample weights must be finite, non-negative and not all zero")
+    perm = torch.randperm(n, generator=gen).numpy()
+    edges = np.cumsum(w[perm])
+    edges *= n / edges[-1]
+    offset = float(torch.rand(1, generator=gen, dtype=torch.float64))
+    picks = perm[np.minimum(np.searchsorted(edges, offset + np.arange(n), side="right"), n - 1)]
+    return torch.from_numpy(picks[torch.randperm(n, generator=gen).numpy()].astype(np.int64))
+
+
 def epoch_order(mode: str, n: int, gen: torch.Generator, seed: int, epoch: int, shard_of: np.ndarray | None,
-                window: int, buffer: int) -> torch.Tensor:
+                window: int, buffer: int, weights: np.ndarray | None = None) -> torch.Tensor:
     """The loop's order for one epoch. global: torch.randperm from the loop's generator (the historical stream,
-    unchanged); shards: shard_order, which draws nothing from `gen`."""
+    unchanged), or weighted_order when per-row `weights` are given; shards: shard_order, which draws nothing from
+    `gen` (and takes no weights)."""
     if mode == "global":
+        if weights is not None:
+            if len(weights) != n:
+                raise ValueError(f"{len(weights)} sample weights for {n} samples")
+            return weighted_order(weights, gen)
         return torch.randperm(n, generator=gen)
     if mode != "shards":
         raise ValueError(f"unknown train.shuffle '{mode}' (global | shards)")
+    if weights is not None:
+        raise ValueError("weighted sampling needs train.shuffle: global (shards keeps each shard's rows once)")
     if shard_of is None or len(shard_of) != n:
         raise ValueError(f"shard layout has {0 if shard_of is None else len(shard_of)} rows for {n} samples")
     return torch.from_numpy(shard_order(shard_of, seed, epoch, window, buffer))

@@ -120,3 +120,49 @@ def focus_factors(lag: np.ndarray, sample_modality: np.ndarray, focus: float) ->
     counts = np.bincount(np.asarray(sample_modality, np.int64), minlength=len(raw))
     mean = float(raw @ counts) / max(1, int(counts.sum()))
     return raw / mean
+
+
+def probe_accuracy(features: np.ndarray, labels: np.ndarray, seed: int, folds: int = 5, ridge: float = 1.0) -> float:
+    """Cross-validated balanced accuracy of a linear probe on `features` (rows L2-normalised): a ridge classifier
+    (least squares onto one-hot classes, closed form: fast and deterministic), `folds` seeded folds. NaN when fewer
+    than 2 classes have 2 samples each. sampling_focus's measure of what a linear probe gets out of an embedding."""
+    x = np.asarray(features, np.float64)
+    x = x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
+    classes, y = np.unique(np.asarray(labels), return_inverse=True)
+    if len(classes) < 2 or (np.bincount(y) >= 2).sum() < 2:
+        return float("nan")
+    fold = np.random.default_rng(seed).permutation(len(y)) % max(2, min(folds, len(y)))
+    pred = np.empty(len(y), np.int64)
+    for k in np.unique(fold):
+        fit, held = fold != k, fold == k
+        mean = x[fit].mean(0)
+        xf = x[fit] - mean
+        target = np.eye(len(classes))[y[fit]]
+        prior = target.mean(0)  # the intercept: least squares with one, as scikit-learn's RidgeClassifier fits
+        w = np.linalg.solve(xf.T @ xf + ridge * np.eye(x.shape[1]), xf.T @ (target - prior))
+        pred[held] = ((x[held] - mean) @ w + prior).argmax(1)
+    recall = [np.mean(pred[y == c] == c) for c in range(len(classes))]
+    return float(np.mean(recall))
+
+
+def probe_lag(teacher_images: dict[str, np.ndarray], student_images: np.ndarray, labels: np.ndarray,
+              modality: np.ndarray, n_modalities: int, routed: np.ndarray, names: list[str], seed: int) -> tuple:
+    """[M] lag, [T, M] teacher probe accuracy, [M] student probe accuracy (probe_accuracy on each modality's
+    labelled samples): the lag is how far the student's image embedding is behind the best teacher declared for
+    the modality (modality_lag). teacher_images: each teacher's raw image features of the same samples (rows
+    it lacks are NaN and skipped)."""
+    labels, modality = np.asarray(labels, dtype=object), np.asarray(modality, np.int64)
+    q = np.full((len(names), n_modalities), np.nan)
+    qs = np.full(n_modalities, np.nan)
+    for m in range(n_modalities):
+        rows = np.flatnonzero((modality == m) & np.array([v is not None for v in labels]))
+        if len(rows) == 0:
+            continue
+        qs[m] = probe_accuracy(student_images[rows], labels[rows].astype(str), seed)
+        for j, t in enumerate(names):
+            if not routed[m, j]:
+                continue
+            x = teacher_images[t][rows]
+            ok = np.isfinite(x).all(1)
+            q[j, m] = probe_accuracy(x[ok], labels[rows][ok].astype(str), seed)
+    return modality_lag(q, qs, routed), q, qs
