@@ -142,6 +142,37 @@ def test_sampling_focus_draws_the_lagging_modalities_more_often(aligned, tmp_pat
     assert [weights["sampling"][m] for m in order] == sorted(weights["sampling"][m] for m in order)
 
 
+def test_sampling_focus_under_torchrun_gives_every_rank_one_order(aligned, tmp_path):
+    """Two gloo ranks draw the weighted epoch from rank 0's factors: the same global batches, so the weights equal
+    one process's (each rank measures the lag itself; a difference in one prediction would split the order)."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from safetensors.torch import load_file
+
+    root, features = aligned
+    torch.manual_seed(0)
+    save_checkpoint(create_model("mmkd-student-tiny"), tmp_path / "stage1", "mmkd-student-tiny")
+    script = Path(__file__).parent / "distill_script.py"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    args = [str(tmp_path / "stage1"), str(root / "artifacts" / "curated"), str(features)]
+    for n in (1, 2):
+        launch = [sys.executable] + (["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={n}"]
+                                     if n > 1 else [])
+        done = subprocess.run(launch + [str(script), *args, str(tmp_path / f"p{n}")], env=env, capture_output=True,
+                              text=True, timeout=300)
+        assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
+    one, two = (json.loads((tmp_path / f"p{n}" / "history.json").read_text()) for n in (1, 2))
+    assert two["world_size"] == 2 and one["global_batch"] == two["global_batch"]
+    assert {k: v for k, v in one.items() if k.startswith("sampling.")} == \
+        {k: v for k, v in two.items() if k.startswith("sampling.")} != {}
+    a, b = (load_file(tmp_path / f"p{n}" / "model.safetensors") for n in (1, 2))
+    worst = max(float((a[k] - b[k]).abs().max()) for k in a)
+    assert worst < 1e-4, worst
+
+
 def test_routed_and_relational_need_the_raw_store(aligned, tmp_path):
     root, features = aligned
     save_checkpoint(create_model("mmkd-student-tiny"), tmp_path / "stage1", "mmkd-student-tiny")

@@ -228,8 +228,10 @@ def distill(stage1_dir: Path, curated_dir: Path, aligned_dir: Path, domains: dic
             lag = modality_lag(sup.quality, sup.student_quality, sup.routed)
             sup.focus = focus_factors(lag, sup.modality, cfg.modality_focus)
         if cfg.sampling_focus > 0:  # the lag a linear probe sees, on the train split's labelled images
+            device = distributed.init_from_env(device)  # under torchrun, rank 0's factors are every rank's: one order
             probe_lags = _train_probe_lag(model, meta, images, records, sup, raw_store, raw_sets, seed, device)
             sampling = focus_factors(probe_lags[0], sup.modality, cfg.sampling_focus)  # [M], mean 1 over train rows
+            sampling, probe_lags = distributed.broadcast_object((sampling, probe_lags))
     objective = kind(sup, cfg, seed, device)
     tokens = tokenize_all(open_clip.get_tokenizer(meta["model"]), records.captions())
     # the data's content: the curated keys (hashes of the decoded pixels) and the checksums of every feature set
