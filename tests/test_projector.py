@@ -207,6 +207,15 @@ def test_consensus_maps_reach_the_teachers_own_agreement_whatever_the_student_se
         assert np.allclose(w @ w.T, np.eye(7), atol=1e-5)
     assert wide[0]["gap"] > fitted("shared")[1][0]["gap"] + 0.1
 
+    # two teachers with no row of x in common (disjoint coverage): each is mapped onto the student alone
+    apart = _Source(feats)
+    half = np.arange(len(modality)) % 4 < 2  # a has the even x rows' pairs, b the others
+    apart.available = np.stack([half | (modality == "y"), ~half], axis=1)
+    split = fit_maps(apart, blind, modality, domains, "consensus", AlignCfg(method="consensus"))
+    alone = fit_maps(apart, blind, modality, domains, "shared", AlignCfg(method="shared"))  # no consensus possible
+    for t in ("a", "b"):
+        assert torch.allclose(split.weight(t, "x"), alone.weight(t, "x"), atol=1e-5)
+
     # three teachers declaring x: refined in turn, each pair agrees at least as well as under `shared`
     trio = {**feats, "c": (feats["a"][0] @ _orth(10, 9, rng) + 0.3 * rng.standard_normal((len(modality), 9)),
                            feats["a"][1] @ _orth(10, 9, rng))}

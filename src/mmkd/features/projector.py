@@ -354,6 +354,9 @@ def _consensus_maps(source, student, mi, kinds, key, fit, groups, mu, nu, dims, 
             return pair[(a, b, g)] if (a, b, g) in pair else pair[(b, a, g)].T
 
         a, b = held[0], held[1]
+        if not np.any(between(a, b)):  # no pair of theirs shares a row of g: nothing to agree on; as `shared` does
+            weights.update({(t, g): polar(cross[(t, g)]) for t in held})
+            continue
         u, _, vh = np.linalg.svd(between(a, b), full_matrices=False)
         k = min(latent, u.shape[1])
         common = {a: u[:, :k], b: vh[:k].T}  # d_t x k, orthonormal columns
