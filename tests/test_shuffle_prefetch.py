@@ -209,7 +209,7 @@ def store(n: int = 48, sizes=(10, 14, 8, 16), seed: int = 0) -> tuple[SplitImage
     return SplitImages(parts), [" ".join(rng.choice(WORDS, 4)) for _ in range(n)]
 
 
-def run(cfg: TrainCfg, objective=None, state_dir=None, stop_at: int | None = None, on_log=None):
+def run(cfg: TrainCfg, objective=None, state_dir=None, stop_at: int | None = None, on_log=None, weights=None):
     torch.manual_seed(0)
     torch.set_num_threads(1)
     images, captions = store()
@@ -225,7 +225,7 @@ def run(cfg: TrainCfg, objective=None, state_dir=None, stop_at: int | None = Non
             raise KeyboardInterrupt("stopped")
 
     history = train(model, images, tokens, cfg, objective or ClipObjective(), 7, torch.device("cpu"), "t", log,
-                    state_dir)
+                    state_dir, sample_weights=weights)
     return model.state_dict(), history, logged
 
 
@@ -312,6 +312,20 @@ def test_stopped_and_resumed_equals_uninterrupted(stage, tmp_path):
     resumed, history, _ = run(cfg, make(), tmp_path)
     assert history["resumed_from_step"] == 2 and history["steps"] == 8
     assert same_weights(whole, resumed)
+
+
+def test_a_weighted_epoch_order_resumes_exactly(tmp_path):
+    """sampling_focus's epochs: stopped at step 3 (state saved at step 2) and resumed, the weights equal one
+    uninterrupted weighted run's; the weights change what is trained (not the unweighted run's weights)."""
+    cfg = TrainCfg(**{**BASE, "shuffle": "global"}, prefetch=2, checkpoint_every=2)
+    n = len(store()[0])
+    weights = np.where(np.arange(n) % 3 == 0, 2.5, 0.25)  # a third of the rows drawn ten times as often
+    whole, _, _ = run(cfg, weights=weights)
+    with pytest.raises(KeyboardInterrupt):
+        run(cfg, state_dir=tmp_path, stop_at=3, weights=weights)
+    resumed, history, _ = run(cfg, state_dir=tmp_path, weights=weights)
+    assert history["resumed_from_step"] == 2 and same_weights(whole, resumed)
+    assert not same_weights(whole, run(cfg)[0])
 
 
 def test_stage2_reads_a_real_feature_store_from_the_reader_thread(tmp_path):
