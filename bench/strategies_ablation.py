@@ -12,7 +12,8 @@ probe fitted on the set's train split (C chosen by cross-validation on train, 3 
 paired bootstraps on the same stratified resamples (1000; the mean over sets as the gate's score). The teachers
 and the stage-1 student are scored the same way, for the gap to the best teacher on every set.
 
-A variant's settings are `distill:` keys (`train.epochs=16` reaches into distill.train); without --variant the
+A variant's settings are `distill:` keys (`train.epochs=16` reaches into distill.train) and `seed=N`, stage 2's seed
+(the teachers, the aligned store and the stage-1 student stay the workspace's); without --variant the
 four strategies run with the rest of params.yaml's distill section. `--model NAME=FOLDER` scores a student trained
 elsewhere (listed first), e.g. the default run's student before `align:` changed: the variants' targets are the
 workspace's current aligned store (a variant trained on another one is trained again).
@@ -66,9 +67,11 @@ def train_variant(ctx, name: str, update: dict) -> Path:
     from mmkd.training.distill import distill
 
     p, ws = ctx.params, ctx.ws
+    update = dict(update)
+    seed = int(update.pop("seed", p.seed))  # `seed=N`: the run's seed (stage 2's order, crops, init of its heads)
     cfg = DistillCfg.model_validate(merged(p.distill.model_dump(), update))
     out = ws.root / p.paths.artifacts / "ablation" / name
-    spec = {"distill": cfg.model_dump(mode="json"), "seed": p.seed, "stage1": _sha(ws.stage1 / "model.safetensors"),
+    spec = {"distill": cfg.model_dump(mode="json"), "seed": seed, "stage1": _sha(ws.stage1 / "model.safetensors"),
             "aligned": _sha(ws.aligned_features / "projector" / "projector.safetensors")}  # the targets' space
     done = out / "variant.json"
     if done.exists() and json.loads(done.read_text()) == spec and (out / "model.safetensors").exists():
@@ -77,7 +80,7 @@ def train_variant(ctx, name: str, update: dict) -> Path:
     domains = {s.name: list(s.modalities) for s in p.teachers.registry}
     reads_raw = cfg.strategy in ("routed", "relational") or cfg.modality_focus > 0 or cfg.sampling_focus > 0
     t0 = time.perf_counter()
-    distill(ws.stage1, ws.curated, ws.aligned_features, domains, cfg, p.seed, _device(ctx), out,
+    distill(ws.stage1, ws.curated, ws.aligned_features, domains, cfg, seed, _device(ctx), out,
             teacher_dir=ws.teacher_features, raw_versions=dict(current_sets(ctx)) if reads_raw else None,
             state_dir=out.parent / f".state-{name}")
     atomic.write_json(done, spec, sort_keys=True)
