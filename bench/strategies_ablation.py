@@ -68,7 +68,7 @@ def train_variant(ctx, name: str, update: dict) -> Path:
 
     p, ws = ctx.params, ctx.ws
     update = dict(update)
-    seed = int(update.pop("seed", p.seed))  # `seed=N`: the run's seed (stage 2's order, crops, init of its heads)
+    seed = int(update.pop("seed", p.seed))  # `seed=N`: stage 2's epoch order, crops, lag sample, reference's draws
     cfg = DistillCfg.model_validate(merged(p.distill.model_dump(), update))
     out = ws.root / p.paths.artifacts / "ablation" / name
     spec = {"distill": cfg.model_dump(mode="json"), "seed": seed, "stage1": _sha(ws.stage1 / "model.safetensors"),
